@@ -1,0 +1,341 @@
+"""Typed experiment configuration: defaults -> YAML -> `section.key=value` overrides.
+
+Every field is a typed dataclass attribute with a comment. Loading is strict: an unknown key or a value of
+the wrong type is a `ConfigError` that names the dotted key (and the file it came from). Cross-field checks
+run in `validate()` before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+# --------------------------------------------------------------------------------------------- sections
+@dataclass
+class VisionConfig:
+    image_size: int = 256  # input resolution; position embeddings are resampled to image_size // patch_size
+    patch_size: int = 16
+    width: int = 768  # embedding width of the ViT
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0  # ALBEF pre-trains without drop-path
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 30522  # must equal the tokenizer's vocabulary size (checked at start-up)
+    hidden: int = 768
+    layers: int = 12  # text layers + fusion layers
+    fusion_layer: int = 6  # layers [0, fusion_layer) are text-only, the rest add cross-attention
+    heads: int = 12
+    intermediate: int = 3072
+    max_position: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1  # hidden and attention dropout, as in bert-base-uncased
+    layer_norm_eps: float = 1e-12
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256  # width of the contrastive projections
+    temp: float = 0.07  # initial temperature (learnable, clamped to [temp_min, temp_max] in forward)
+    temp_min: float = 0.001
+    temp_max: float = 0.5
+    momentum: float = 0.995  # EMA factor of the momentum encoders
+    queue_size: int = 65536  # entries in each feature queue (any value >= 0; a ring buffer)
+    mlm_probability: float = 0.15
+    queue_seed: int = 42  # seed of the random unit vectors the queues start with (identical on every rank)
+    vit_init: str = ""  # DeiT-B/16 checkpoint (.pth with {'model': ...} or timm .safetensors); "" = random
+    bert_init: str = ""  # bert-base-uncased folder (HF layout); "" = random
+    albef_init: str = ""  # released ALBEF checkpoint (ALBEF_4M.pth / ALBEF.pth) or one of ours; "" = none
+
+
+@dataclass
+class SynthConfig:
+    out_dir: str = "data/synth"  # where `albef-ds data synth` writes images, JSON lists and vocab.txt
+    num_train: int = 4000  # training images
+    num_eval: int = 200  # held-out images (several captions each) for retrieval
+    image_size: int = 96  # side of the generated JPEGs
+    seed: int = 0
+    vocab_size: int = 256  # size of the WordPiece vocab trained on the synthetic captions
+
+
+@dataclass
+class DataConfig:
+    train_file: list[str] = field(default_factory=list)  # JSON lists [{"image": path, "caption": str|[str]}]
+    eval_file: str = ""  # held-out JSON list for retrieval (caption lists allowed)
+    image_root: str = ""  # prefix for relative image paths; "" = relative to each JSON file's folder
+    tokenizer: str = ""  # vocab.txt file or a folder with a HF tokenizer (bert-base-uncased layout)
+    tokenizer_mode: str = "albef"  # "albef": [CLS] tokens (no trailing [SEP]); "standard": [CLS] tokens [SEP]
+    max_words: int = 30  # caption cleaning keeps at most this many words
+    max_tokens: int = 25  # tokenised length cap, special tokens included
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range
+    hflip: bool = True
+    randaug_n: int = 2  # RandAugment: ops per image
+    randaug_m: int = 7  # RandAugment: magnitude (0-10)
+    num_workers: int = 2  # DataLoader worker processes (decode + augment + tokenise)
+    loader: str = "torch"  # "torch" (PIL reference loader); "dali" comes with the data-at-scale issue
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # peak learning rate at the reference global batch (see lr_ref_batch)
+    min_lr: float = 1e-5  # cosine floor
+    warmup_lr: float = 1e-5  # learning rate at step 0
+    warmup_steps: int = 1000
+    weight_decay: float = 0.02  # not applied to biases, norms and other 1-D parameters
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # 0 = no clipping (the reference does not clip)
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 0.4  # weight of the momentum-distilled targets (ITC and MLM)
+    alpha_ramp_steps: int = -1  # alpha ramps linearly from 0 over this many steps; -1 = the first epoch
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    mlm_weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/debug"  # run folder: resolved config, metrics.jsonl, checkpoints
+    batch_size: int = 64  # micro-batch per process
+    epochs: int = 30
+    max_steps: int = -1  # stop after this many optimizer steps; -1 = epochs decide
+    seed: int = 42
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    log_every: int = 50  # read metrics from the device every N steps (no host sync in between)
+    eval_at_start: bool = True  # ITC retrieval before the first step
+    eval_at_end: bool = True
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 128
+    k_test: int = 128  # ITM re-rank depth (used by the retrieval issue)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks; every message names the fields involved."""
+        m, t, d = self.model, self.model.text, self.data
+        v = m.vision
+        if v.image_size % v.patch_size:
+            raise ConfigError(
+                f"model.vision.image_size ({v.image_size}) must be a multiple of "
+                f"model.vision.patch_size ({v.patch_size})"
+            )
+        if v.width % v.heads:
+            raise ConfigError(
+                f"model.vision.width ({v.width}) must be divisible by model.vision.heads ({v.heads})"
+            )
+        if t.hidden % t.heads:
+            raise ConfigError(
+                f"model.text.hidden ({t.hidden}) must be divisible by model.text.heads ({t.heads})"
+            )
+        if not 0 < t.fusion_layer < t.layers:
+            raise ConfigError(
+                f"model.text.fusion_layer ({t.fusion_layer}) must lie in "
+                f"1..model.text.layers-1 ({t.layers - 1})"
+            )
+        if m.queue_size < 0:
+            raise ConfigError(f"model.queue_size must be >= 0, got {m.queue_size}")
+        if not 0.0 <= m.momentum <= 1.0:
+            raise ConfigError(f"model.momentum must lie in [0, 1], got {m.momentum}")
+        if not 0.0 < m.temp_min <= m.temp <= m.temp_max:
+            raise ConfigError("need 0 < model.temp_min <= model.temp <= model.temp_max")
+        if not 0.0 < m.mlm_probability < 1.0:
+            raise ConfigError(f"model.mlm_probability must lie in (0, 1), got {m.mlm_probability}")
+        if d.max_tokens > t.max_position:
+            raise ConfigError(
+                f"data.max_tokens ({d.max_tokens}) exceeds model.text.max_position ({t.max_position})"
+            )
+        if d.tokenizer_mode not in ("albef", "standard"):
+            raise ConfigError(f"data.tokenizer_mode must be 'albef' or 'standard', got {d.tokenizer_mode!r}")
+        if d.loader not in ("torch", "dali"):
+            raise ConfigError(f"data.loader must be 'torch' or 'dali', got {d.loader!r}")
+        if len(d.crop_scale) != 2 or not 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0:
+            raise ConfigError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {d.crop_scale}")
+        if len(self.optim.betas) != 2:
+            raise ConfigError(f"optim.betas must have two values, got {self.optim.betas}")
+        if self.train.batch_size < 2:
+            raise ConfigError(
+                f"train.batch_size must be >= 2 (ITM draws its negatives from the rest of the batch), "
+                f"got {self.train.batch_size}"
+            )
+        if not 0.0 <= self.loss.alpha <= 1.0:
+            raise ConfigError(f"loss.alpha must lie in [0, 1], got {self.loss.alpha}")
+
+
+# ---------------------------------------------------------------------------------------- loading
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp` (ints widen to floats, nothing else is converted)."""
+    where = f" (in {source})" if source else ""
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}'{where}: expected a mapping (section), got {value!r}")
+        return _build(tp, value, key, source)
+    origin = typing.get_origin(tp)
+    if origin in (list, typing.List):  # noqa: UP006
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(
+                f"config key '{key}'{where}: expected a list of {_type_name(item_tp)}, got {value!r}"
+            )
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for alt in typing.get_args(tp):
+            try:
+                return _coerce(value, alt, key, source)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}'{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string; YAML 1.2 and users say float
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(
+                f"config key '{key}'{where}: expected float, got {type(value).__name__} {value!r}"
+            )
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(
+                f"config key '{key}'{where}: expected int, got {type(value).__name__} {value!r}"
+            )
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(
+                f"config key '{key}'{where}: expected bool (true/false), got {type(value).__name__} {value!r}"
+            )
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"config key '{key}'{where}: expected str, got {type(value).__name__} {value!r}"
+            )
+        return value
+    raise ConfigError(f"config key '{key}': unsupported annotation {tp!r}")  # a bug in this file
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            where = f" in {source}" if source else ""
+            raise ConfigError(
+                f"unknown config key '{dotted}'{where}; known keys here: {', '.join(sorted(names))}"
+            )
+        kwargs[key] = _coerce(value, hints[key], dotted, source)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (['section', 'key'], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
+    return parts, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then the overrides; validated."""
+    raw: dict = {}
+    source = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+        source = str(p)
+    # Check the file on its own first, so that its errors name the file.
+    _build(Config, raw, "", source)
+    for ov in overrides:
+        parts, value = parse_override(ov)
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        _build(Config, nested, "", f"override {ov!r}")  # names the key if unknown / mistyped
+        raw = _merge(raw, nested)
+    cfg = _build(Config, raw, "", source)
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict, source: str = "") -> Config:
+    cfg = _build(Config, data, "", source)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every field, defaults included) as YAML, atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(p)

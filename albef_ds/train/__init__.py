@@ -1,0 +1,1 @@
+"""Training loop: rank discovery, optimizer and schedules, the step loop, checkpoints, logging."""

@@ -1,0 +1,98 @@
+"""Typed config: YAML + overrides, strict keys and types, cross-field validation, resolved file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from albef_ds.config import Config, ConfigError, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["debug", "pretrain_4m", "pretrain_14m"])
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert isinstance(cfg, Config)
+    if name != "debug":  # the paper's recipe
+        assert cfg.model.vision.image_size == 256 and cfg.model.queue_size == 65536
+        assert cfg.train.batch_size == 64 and cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.02
+        assert cfg.model.momentum == 0.995 and cfg.loss.alpha == 0.4 and cfg.train.epochs == 30
+        assert cfg.model.text.fusion_layer == 6 and cfg.model.embed_dim == 256
+    assert len(load_config(ROOT / "configs/pretrain_14m.yaml").data.train_file) == 6
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(
+        ROOT / "configs/debug.yaml",
+        [
+            "optim.lr=2e-4",
+            "train.max_steps=7",
+            "data.hflip=false",
+            "data.crop_scale=[0.3, 0.9]",
+            "model.vision.depth=1",
+        ],
+    )
+    assert cfg.optim.lr == 2e-4 and cfg.train.max_steps == 7 and cfg.data.hflip is False
+    assert cfg.data.crop_scale == [0.3, 0.9] and cfg.model.vision.depth == 1
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0  # int widens to float
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("optim.lrr=1e-4", r"unknown config key 'optim\.lrr'"),
+        ("model.vision.dept=3", r"unknown config key 'model\.vision\.dept'"),
+        ("trian.seed=1", r"unknown config key 'trian'"),
+        ("optim.lr=fast", r"'optim\.lr'.*expected float"),
+        ("train.max_steps=1.5", r"'train\.max_steps'.*expected int"),
+        ("data.hflip=1", r"'data\.hflip'.*expected bool"),
+        ("data.train_file=a.json", r"'data\.train_file'.*expected a list"),
+        ("model.vision=3", r"'model\.vision'.*expected a mapping"),
+        ("lr", r"section\.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_bad_file_names_file_and_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 1e-4\n  warmup: 10\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.warmup' in .*c\.yaml"):
+        load_config(p)
+    p.write_text("train:\n  batch_size: big\n")
+    with pytest.raises(ConfigError, match=r"'train\.batch_size' \(in .*c\.yaml\): expected int"):
+        load_config(p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("model.vision.image_size=100", r"model\.vision\.image_size \(100\).*model\.vision\.patch_size"),
+        ("model.text.fusion_layer=12", r"model\.text\.fusion_layer"),
+        ("train.batch_size=1", r"train\.batch_size"),
+        ("data.tokenizer_mode=bert", r"data\.tokenizer_mode"),
+        ("model.queue_size=-1", r"model\.queue_size"),
+    ],
+)
+def test_cross_field_validation(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs/debug.yaml", ["optim.lr=3e-4"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg
+    raw = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert raw["optim"]["lr"] == 3e-4 and "warmup_steps" in raw["optim"]  # defaults are written too
