@@ -53,10 +53,16 @@ def pretrained_run(tmp_path_factory):
     return tmp, ov
 
 
+def _last_run_records(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    starts = [i for i, r in enumerate(records) if r["event"] == "start"]
+    return records[starts[-1] :]
+
+
 def test_debug_pretraining_learns_retrieval(pretrained_run):
     tmp, _ = pretrained_run
     run = tmp / "run"
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = _last_run_records(run)
     before = next(r for r in records if r["event"] == "eval_before")
     after = next(r for r in records if r["event"] == "eval_after")
     train = [r for r in records if r["event"] == "train"]
@@ -90,8 +96,7 @@ def test_evaluate_command_reproduces_the_run_numbers(pretrained_run, capsys):
     )
     assert rc == 0
     got = json.loads(out_json.read_text())
-    records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
-    after = next(r for r in records if r["event"] == "eval_after")
+    after = next(r for r in _last_run_records(tmp / "run") if r["event"] == "eval_after")
     for k in ("txt_r1", "txt_r5", "img_r1", "img_r10", "r_mean"):
         assert got[k] == pytest.approx(after[k]), k
 

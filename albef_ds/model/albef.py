@@ -144,11 +144,9 @@ class ALBEFPretrain(nn.Module):
         packed = torch.cat([image_feat_m, text_feat_m], dim=1).to(self.image_queue.dtype)  # (B, 2D)
         gathered = self.all_gather(packed)  # (G, 2D)
         g = gathered.shape[0]
-        if g > q:
-            gathered = gathered[g - q :]
-        slots = (self.queue_ptr + torch.arange(gathered.shape[0], device=gathered.device)) % q
-        if g > q:
-            slots = (self.queue_ptr + (g - q) + torch.arange(q, device=gathered.device)) % q
+        skip = max(0, g - q)  # entries that the newer ones would overwrite within this same write
+        gathered = gathered[skip:]
+        slots = (self.queue_ptr + skip + torch.arange(g - skip, device=gathered.device)) % q
         self.image_queue.index_copy_(0, slots, gathered[:, :d])
         self.text_queue.index_copy_(0, slots, gathered[:, d:])
         self.queue_ptr.copy_((self.queue_ptr + g) % q)

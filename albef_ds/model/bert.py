@@ -49,10 +49,12 @@ class _QKV(nn.Module):
         self.value = nn.Linear(kv_width, hidden)
 
 
-class _AttnOutput(nn.Module):
-    def __init__(self, cfg: TextConfig) -> None:
+class _ResidualOutput(nn.Module):
+    """dense -> dropout -> + residual -> LayerNorm (BERT's post-LN sub-layer output, `*.output.*` keys)."""
+
+    def __init__(self, cfg: TextConfig, in_width: int) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden, cfg.hidden)
+        self.dense = nn.Linear(in_width, cfg.hidden)
         self.LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -69,7 +71,7 @@ class BertAttention(nn.Module):
         self.attn_dropout = cfg.dropout
         # `self` is a valid attribute name in Python; it keeps BERT's key `attention.self.query.weight`.
         setattr(self, "self", _QKV(cfg.hidden, kv_width or cfg.hidden))  # noqa: B010
-        self.output = _AttnOutput(cfg)
+        self.output = _ResidualOutput(cfg, cfg.hidden)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, kv: torch.Tensor | None = None
@@ -98,17 +100,6 @@ class _Intermediate(nn.Module):
         return F.gelu(self.dense(x))
 
 
-class _Output(nn.Module):
-    def __init__(self, cfg: TextConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(cfg.intermediate, cfg.hidden)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
-
-
 class BertLayer(nn.Module):
     def __init__(self, cfg: TextConfig, cross_width: int | None) -> None:
         super().__init__()
@@ -117,7 +108,7 @@ class BertLayer(nn.Module):
         if cross_width is not None:
             self.crossattention = BertAttention(cfg, kv_width=cross_width)
         self.intermediate = _Intermediate(cfg)
-        self.output = _Output(cfg)
+        self.output = _ResidualOutput(cfg, cfg.intermediate)
 
     def forward(
         self,

@@ -163,6 +163,8 @@ def pretrain(cfg: Config) -> dict:
             max_words=cfg.data.max_words,
         )
     metrics_file = _MetricsFile(out_dir / "metrics.jsonl")
+    # Records are appended (an earlier run's are kept); each run starts with a "start" record.
+    metrics_file.write({"event": "start", "time": time.time(), "total_steps": total_steps})
     result: dict = {"steps": 0}
 
     def evaluate(tag: str) -> None:
