@@ -36,6 +36,6 @@ setup(
         "numpy",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest", "ruff"]},
+    extras_require={"dev": ["pytest", "ruff"], "deepspeed": ["deepspeed==0.19.8"]},
     entry_points={"console_scripts": ["albef-ds=albef_ds.cli:main"]},
 )

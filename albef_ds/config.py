@@ -103,6 +103,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float = 0.0  # 0 = no clipping (the reference does not clip)
+    # Linear LR scaling with the global batch: lr (and nothing else) is multiplied by
+    # global_batch / lr_ref_batch, the maintainer's advice (1e-4 at 512 -> 2e-4 at 1024). 0 = no scaling.
+    lr_ref_batch: int = 0
 
 
 @dataclass
@@ -118,6 +121,12 @@ class LossConfig:
 class TrainConfig:
     output_dir: str = "runs/debug"  # run folder: resolved config, metrics.jsonl, checkpoints
     batch_size: int = 64  # micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    global_batch_size: int = 0  # 0 = batch_size * grad_accum * world_size; otherwise it must equal that
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = what the DeepSpeed config enables
+    ds_config: str = "ds_configs/zero2_bf16.json"  # DeepSpeed JSON (its "auto" values are filled from here)
+    engine: str = "torch"  # "torch": one process, torch AdamW; "deepspeed": ZeRO-2 on any number of ranks
+    record_samples: bool = False  # list each rank's (epoch, sample index) in its rank report (debugging)
     epochs: int = 30
     max_steps: int = -1  # stop after this many optimizer steps; -1 = epochs decide
     seed: int = 42
@@ -190,6 +199,16 @@ class Config:
                 f"train.batch_size must be >= 2 (ITM draws its negatives from the rest of the batch), "
                 f"got {self.train.batch_size}"
             )
+        if self.train.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum must be >= 1, got {self.train.grad_accum}")
+        if self.train.engine not in ("torch", "deepspeed"):
+            raise ConfigError(f"train.engine must be 'torch' or 'deepspeed', got {self.train.engine!r}")
+        if self.train.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(
+                f"train.precision must be auto, bf16, fp16 or fp32, got {self.train.precision!r}"
+            )
+        if self.optim.lr_ref_batch < 0:
+            raise ConfigError(f"optim.lr_ref_batch must be >= 0, got {self.optim.lr_ref_batch}")
         if not 0.0 <= self.loss.alpha <= 1.0:
             raise ConfigError(f"loss.alpha must lie in [0, 1], got {self.loss.alpha}")
 

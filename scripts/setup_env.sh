@@ -6,14 +6,16 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${ALBEF_DS_VENV:-$HOME/.cache/albef-ds/venv}"
 PY="${ALBEF_DS_PYTHON:-python3}"
-want="$(cat "$ROOT/requirements.txt" "$ROOT/setup.py" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-deepspeed.txt" "$ROOT/setup.py" | sha256sum | cut -c1-16)"
 stamp="$VENV/.albef-ds-stamp"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] creating venv at $VENV (first run: about 2 minutes)"
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements.txt" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
-  "$VENV/bin/python" -c "import torch, torchvision, timm, transformers" \
+  DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation \
+    -r "$ROOT/requirements-deepspeed.txt" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+  "$VENV/bin/python" -c "import torch, torchvision, timm, transformers, deepspeed" \
     || { echo "[setup] the venv at $VENV is broken; remove it and run again" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

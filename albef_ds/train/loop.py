@@ -1,11 +1,12 @@
-"""Single-process pre-training (CPU or one GPU): the step loop, metrics, evaluation and the checkpoint.
+"""Pre-training: the step loop, metrics, evaluation and the checkpoint, over a torch or DeepSpeed engine.
 
-The DeepSpeed trainer (multi-rank, ZeRO-2, resume) builds on the same pieces: `build_model`,
-`build_tokenizer`, the schedules and `train_step`'s order (EMA, forward, backward, optimizer, enqueue).
+One optimizer step = momentum EMA, then `grad_accum` micro-batches (forward, backward), the optimizer step,
+then one enqueue of every micro-batch's momentum features (one all-gather across ranks).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -22,14 +23,17 @@ from ..data import RetrievalEvalSet, TextTokenizer, build_pretrain_loader
 from ..eval.retrieval import itc_retrieval
 from ..model import ALBEFPretrain
 from ..model.weights import OUR_FORMAT, load_pretrained
-from .schedule import alpha_at, lr_at, param_groups
+from .dist_env import DistInfo, world_info_from_env
+from .ds_config import build_ds_config, global_batch, scaled_lr
+from .schedule import alpha_at, lr_at
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """ "auto" = this rank's GPU (cuda:local_rank) when CUDA is available, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device is {name!r} but no CUDA device is available")
@@ -94,6 +98,33 @@ def save_checkpoint(path: str | Path, model: ALBEFPretrain, cfg: Config, **state
     return p
 
 
+def _sha256(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_rank_report(out_dir: Path, rank: int, model: ALBEFPretrain, engine, seen, *, steps: int) -> dict:
+    """`rank<N>.json` in the run folder: what this rank holds, to check that ranks agree where they must
+    (momentum weights, queues: identical checksums) and split what they should (optimizer state, samples)."""
+    moms, _ = model.momentum_pairs()
+    report = {
+        "rank": rank,
+        "world_size": engine.world_size,
+        "steps": steps,
+        "trainable_params": sum(p.numel() for p in model.parameters()),
+        "optimizer_state_numel": engine.optimizer_state_numel(),
+        "momentum_sha256": _sha256(moms),
+        "queue_sha256": _sha256([model.image_queue, model.text_queue]),
+        "queue_ptr": int(model.queue_ptr.item()),
+        "samples": [[e, i] for e, idx in seen for i in idx.tolist()],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
+    return report
+
+
 class _MetricsFile:
     """JSON lines under the run folder (rank 0 only)."""
 
@@ -106,10 +137,43 @@ class _MetricsFile:
             f.write(json.dumps(record) + "\n")
 
 
+def _batches(loader, sampler, start_epoch: int = 0):
+    """(epoch, batch) forever: a new epoch (re-seeded order and augmentation) when one runs out."""
+    epoch = start_epoch
+    while True:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            yield epoch, batch
+        epoch += 1
+
+
+def _make_engine(cfg: Config, model: ALBEFPretrain, device: torch.device, info: DistInfo):
+    if cfg.train.engine == "deepspeed":
+        from .engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg, device, info)
+    from .engine import TorchEngine
+
+    return TorchEngine(model, cfg, device)
+
+
 def pretrain(cfg: Config) -> dict:
-    """Pre-train on one process. Returns the final metrics (losses averaged over the last log window,
-    retrieval before and after)."""
+    """Pre-train ALBEF: one process with torch AdamW (`train.engine=torch`) or any number of ranks with
+    DeepSpeed ZeRO-2 (`train.engine=deepspeed`, launched by deepspeed / torchrun / srun / mpirun).
+    Returns the final metrics (losses of the last log window, retrieval before and after) on rank 0."""
     cfg.validate()
+    info = world_info_from_env()
+    if cfg.train.engine == "torch" and info.world_size > 1:
+        raise ConfigError(
+            f"{info.world_size} ranks were launched ({info.source}) but train.engine = torch runs one "
+            "process; "
+            "set train.engine=deepspeed"
+        )
+    global_batch(
+        cfg, world_size=info.world_size
+    )  # a batch-layout contradiction fails before anything is built
+    if cfg.train.engine == "deepspeed":
+        build_ds_config(cfg, world_size=info.world_size)
     if not cfg.data.train_file:
         raise ConfigError("data.train_file is empty: give at least one JSON list")
     for f in cfg.data.train_file + ([cfg.data.eval_file] if cfg.data.eval_file else []):
@@ -117,17 +181,33 @@ def pretrain(cfg: Config) -> dict:
             raise ConfigError(
                 f"data file {f} does not exist (generate the synthetic set: albef-ds data synth)"
             )
+    device = resolve_device(cfg.train.device, info.local_rank)
+    if cfg.train.engine == "deepspeed":
+        from .engine import init_distributed
+
+        init_distributed(info, device)
+    is_main = info.rank == 0
     out_dir = Path(cfg.train.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    # The same seed on every rank: identical initial weights, momentum copies and queues.
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    log.info("device %s, run folder %s", device, out_dir)
+    log.info("rank %d/%d on %s, run folder %s", info.rank, info.world_size, device, out_dir)
 
     tokenizer = build_tokenizer(cfg)
-    model = build_model(cfg, tokenizer).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("ALBEF: %.2fM trainable parameters", n_params / 1e6)
+    accum = cfg.train.grad_accum
+    gather_kwargs = {}
+    if info.world_size > 1:
+        from .engine import make_all_gather
+
+        gather_kwargs["all_gather"] = make_all_gather(cfg.train.batch_size * accum)
+    model = build_model(cfg, tokenizer, **gather_kwargs).to(device)
+    log.info("ALBEF: %.2fM trainable parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    engine = _make_engine(cfg, model, device, info)
+    model = engine.module
+    # Each rank draws its own augmentation and masking randomness from here on.
+    seed_everything(cfg.train.seed + 1000 * info.rank)
 
     loader, sampler = build_pretrain_loader(
         cfg.data,
@@ -135,37 +215,38 @@ def pretrain(cfg: Config) -> dict:
         image_size=cfg.model.vision.image_size,
         batch_size=cfg.train.batch_size,
         seed=cfg.train.seed,
+        rank=info.rank,
+        world_size=info.world_size,
     )
-    steps_per_epoch = sampler.batches_per_epoch
+    steps_per_epoch = sampler.batches_per_epoch // accum
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"train.batch_size ({cfg.train.batch_size}) is larger than the training set: no full batch"
+            f"train.batch_size ({cfg.train.batch_size}) x train.grad_accum ({accum}) is larger than "
+            "this rank's "
+            "share of the training set: no full optimizer step per epoch"
         )
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps > 0:
         total_steps = min(total_steps, cfg.train.max_steps)
     ramp = cfg.loss.alpha_ramp_steps if cfg.loss.alpha_ramp_steps >= 0 else steps_per_epoch
     o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay),
-        lr=o.warmup_lr,
-        betas=tuple(o.betas),
-        eps=o.eps,
-        fused=device.type == "cuda",
-    )
+    peak_lr = scaled_lr(cfg, world_size=info.world_size)
 
     eval_set = None
-    if cfg.data.eval_file:
+    if cfg.data.eval_file and is_main:
         eval_set = RetrievalEvalSet(
             cfg.data.eval_file,
             image_root=cfg.data.image_root,
             image_size=cfg.model.vision.image_size,
             max_words=cfg.data.max_words,
         )
-    metrics_file = _MetricsFile(out_dir / "metrics.jsonl")
+    metrics_file = _MetricsFile(out_dir / "metrics.jsonl") if is_main else None
     # Records are appended (an earlier run's are kept); each run starts with a "start" record.
-    metrics_file.write({"event": "start", "time": time.time(), "total_steps": total_steps})
-    result: dict = {"steps": 0}
+    if metrics_file:
+        metrics_file.write(
+            {"event": "start", "time": time.time(), "total_steps": total_steps, "world_size": info.world_size}
+        )
+    result: dict = {"steps": 0, "world_size": info.world_size}
 
     def evaluate(tag: str) -> None:
         if eval_set is None:
@@ -190,78 +271,83 @@ def pretrain(cfg: Config) -> dict:
         evaluate("before")
 
     model.train()
-    step = 0
     # Metrics accumulate on the device and are read every log_every steps: no host sync in between.
     acc = torch.zeros(4, device=device)
     acc_n = 0
     skipped = 0
-    t_window = time.perf_counter()
     samples_window = 0
-    t_start = time.perf_counter()
+    seen: list[tuple[int, torch.Tensor]] = []  # (epoch, sample indices) this rank trained on
+    t_window = t_start = time.perf_counter()
+    batches = _batches(loader, sampler)
     epoch = 0
-    done = total_steps == 0
-    while not done:
-        sampler.set_epoch(epoch)
-        for batch in loader:
+    for step in range(total_steps):
+        lr = lr_at(
+            step,
+            total_steps=total_steps,
+            lr=peak_lr,
+            min_lr=o.min_lr,
+            warmup_lr=o.warmup_lr,
+            warmup_steps=o.warmup_steps,
+        )
+        engine.set_lr(lr)
+        alpha = alpha_at(step, alpha=cfg.loss.alpha, ramp_steps=ramp)
+        model.momentum_update()  # once per optimizer step, before the momentum forward
+        feats_i, feats_t = [], []
+        for micro in range(accum):
+            epoch, batch = next(batches)
             skipped += int(batch["num_skipped"])
             if batch["image"].shape[0] < 2:
-                log.warning("step %d: batch with fewer than 2 decodable images skipped", step)
-                continue
-            lr = lr_at(
-                step,
-                total_steps=total_steps,
-                lr=o.lr,
-                min_lr=o.min_lr,
-                warmup_lr=o.warmup_lr,
-                warmup_steps=o.warmup_steps,
-            )
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            alpha = alpha_at(step, alpha=cfg.loss.alpha, ramp_steps=ramp)
+                raise RuntimeError(
+                    f"rank {info.rank}, step {step}: fewer than 2 decodable images in a batch of "
+                    f"{cfg.train.batch_size} ({batch['num_skipped']} skipped); check the data or use a "
+                    "larger batch"
+                )
             image = batch["image"].to(device, non_blocking=True)
-            ids = batch["input_ids"].to(device, non_blocking=True)
-            mask = batch["attention_mask"].to(device, non_blocking=True)
-
-            model.momentum_update()
-            out = model(image, ids, mask, alpha=alpha)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if o.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            optimizer.step()
-            model.enqueue(out.image_feat_m, out.text_feat_m)
-
-            acc += torch.stack([out.loss, out.loss_itc, out.loss_itm, out.loss_mlm]).detach()
+            out = engine.forward(
+                image,
+                batch["input_ids"].to(device, non_blocking=True),
+                batch["attention_mask"].to(device, non_blocking=True),
+                alpha=alpha,
+            )
+            engine.micro_step(out.loss, last=micro == accum - 1)
+            feats_i.append(out.image_feat_m)
+            feats_t.append(out.text_feat_m)
+            acc += torch.stack([out.loss, out.loss_itc, out.loss_itm, out.loss_mlm]).detach().float()
             acc_n += 1
             samples_window += image.shape[0]
-            step += 1
-            result["steps"] = step
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                vals = (acc / acc_n).tolist()  # the one host sync per log window
-                if not all(math.isfinite(v) for v in vals):
-                    raise FloatingPointError(f"non-finite loss at step {step}: {vals}")
-                dt = time.perf_counter() - t_window
-                rec = {
-                    "event": "train",
-                    "step": step,
-                    "epoch": epoch,
-                    "lr": lr,
-                    "alpha": alpha,
-                    "loss": vals[0],
-                    "loss_itc": vals[1],
-                    "loss_itm": vals[2],
-                    "loss_mlm": vals[3],
-                    "temp": float(model.clamped_temp().item()),
-                    "samples_per_s": samples_window / dt,
-                    "skipped_images": skipped,
-                }
+            if cfg.train.record_samples:
+                seen.append((epoch, batch["index"]))
+        # One enqueue (one all-gather) per optimizer step, of every micro-batch's momentum features.
+        model.enqueue(torch.cat(feats_i), torch.cat(feats_t))
+        done = step + 1
+        result["steps"] = done
+        if done % cfg.train.log_every == 0 or done == total_steps:
+            vals = (acc / acc_n).tolist()  # the one host sync per log window
+            if not all(math.isfinite(v) for v in vals):
+                raise FloatingPointError(f"non-finite loss at step {done} on rank {info.rank}: {vals}")
+            dt = time.perf_counter() - t_window
+            rec = {
+                "event": "train",
+                "step": done,
+                "epoch": epoch,
+                "lr": lr,
+                "alpha": alpha,
+                "loss": vals[0],
+                "loss_itc": vals[1],
+                "loss_itm": vals[2],
+                "loss_mlm": vals[3],
+                "temp": float(model.clamped_temp().item()),
+                "samples_per_s": samples_window * info.world_size / dt,
+                "skipped_images": skipped,
+            }
+            result["last"] = rec
+            if metrics_file:
                 metrics_file.write(rec)
-                eta = (time.perf_counter() - t_start) / step * (total_steps - step)
+                eta = (time.perf_counter() - t_start) / done * (total_steps - done)
                 log.info(
                     "step %d/%d  loss %.3f (itc %.3f itm %.3f mlm %.3f)  lr %.2e  alpha %.2f  "
-                    "%.1f samples/s  "
-                    "eta %.0fs",
-                    step,
+                    "%.1f samples/s  eta %.0fs",
+                    done,
                     total_steps,
                     vals[0],
                     vals[1],
@@ -272,26 +358,22 @@ def pretrain(cfg: Config) -> dict:
                     rec["samples_per_s"],
                     eta,
                 )
-                result["last"] = rec
-                acc.zero_()
-                acc_n = 0
-                samples_window = 0
-                t_window = time.perf_counter()
-            if cfg.train.save_every > 0 and step % cfg.train.save_every == 0:
-                save_checkpoint(out_dir / "checkpoint.pt", model, cfg, step=step, epoch=epoch)
-            if step >= total_steps:
-                done = True
-                break
-        epoch += 1
-        if epoch >= cfg.train.epochs:
-            done = True
+            acc.zero_()
+            acc_n = 0
+            samples_window = 0
+            t_window = time.perf_counter()
+        if is_main and cfg.train.save_every > 0 and done % cfg.train.save_every == 0:
+            save_checkpoint(out_dir / "checkpoint.pt", model, cfg, step=done, epoch=epoch)
 
-    ckpt = save_checkpoint(out_dir / "checkpoint.pt", model, cfg, step=step, epoch=epoch)
-    log.info("saved %s (step %d, %d images skipped as undecodable)", ckpt, step, skipped)
-    result["checkpoint"] = str(ckpt)
     result["skipped_images"] = skipped
-    if cfg.train.eval_at_end:
-        evaluate("after")
+    write_rank_report(out_dir, info.rank, model, engine, seen, steps=result["steps"])
+    if is_main:
+        ckpt = save_checkpoint(out_dir / "checkpoint.pt", model, cfg, step=result["steps"], epoch=epoch)
+        log.info("saved %s (step %d, %d images skipped as undecodable)", ckpt, result["steps"], skipped)
+        result["checkpoint"] = str(ckpt)
+        if cfg.train.eval_at_end:
+            evaluate("after")
+    engine.barrier()
     return result
 
 

@@ -72,3 +72,24 @@ def test_checkpoint_is_atomic_and_loads_back(tmp_path, monkeypatch):
     assert fresh.temp.item() == pytest.approx(0.07)
     payload = torch.load(path, weights_only=True)
     assert payload["step"] == 3 and payload["config"]["model"]["queue_size"] == 20
+
+
+def test_torch_engine_accumulates_gradients_like_one_large_batch():
+    from albef_ds.train.engine import TorchEngine
+
+    cfg = load_config(None, ["train.grad_accum=2", "optim.weight_decay=0.0"])
+    cfg.model = tiny_model_config(queue_size=0)
+    m = ALBEFPretrain(cfg.model, special_tokens=SPECIAL)
+    eng = TorchEngine(m, cfg, torch.device("cpu"))
+    grads = []
+    eng.optimizer.register_step_pre_hook(lambda *_: grads.append(m.vision_proj.weight.grad.clone()))
+    w = m.vision_proj.weight
+    w0 = w.detach().clone()
+    eng.micro_step((w**2).sum(), last=False)
+    assert grads == []  # no optimizer step after the first micro-batch
+    eng.micro_step((3 * w**2).sum(), last=True)
+    # Mean of the micro-batch gradients (2w and 6w): what one batch holding both would give.
+    assert len(grads) == 1
+    torch.testing.assert_close(grads[0], (2 * w0 + 6 * w0) / 2)
+    assert not torch.equal(w.detach(), w0)  # the step was applied
+    assert m.vision_proj.weight.grad is None  # and the gradients cleared for the next step

@@ -1,0 +1,175 @@
+"""Training engines behind one small interface: plain torch (one process) and DeepSpeed ZeRO-2.
+
+The step loop (`loop.py`) only calls `set_lr`, `forward`, `micro_step` and reads `module`, `rank`,
+`world_size`; this file is the only place that imports deepspeed and torch.distributed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from ..config import Config, ConfigError
+from ..model import ALBEFPretrain
+from .dist_env import DistInfo
+from .ds_config import build_ds_config
+from .schedule import param_groups
+
+log = logging.getLogger(__name__)
+
+
+def _adamw(model: ALBEFPretrain, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return torch.optim.AdamW(
+        param_groups(model, o.weight_decay),
+        lr=o.warmup_lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        fused=device.type == "cuda",
+    )
+
+
+class TorchEngine:
+    """One process, torch AdamW; gradient accumulation by scaling each micro-batch loss."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, model: ALBEFPretrain, cfg: Config, device: torch.device) -> None:
+        self.module = model
+        self.device = device
+        self.accum = cfg.train.grad_accum
+        self.grad_clip = cfg.optim.grad_clip
+        self.optimizer = _adamw(model, cfg, device)
+        self.input_dtype = torch.float32
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def forward(self, image, input_ids, attention_mask, *, alpha: float):
+        return self.module(image, input_ids, attention_mask, alpha=alpha)
+
+    def micro_step(self, loss: torch.Tensor, *, last: bool) -> None:
+        (loss / self.accum).backward()
+        if last:
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state_numel(self) -> int:
+        """Elements of AdamW state (exp_avg, exp_avg_sq) held by this process."""
+        return _state_numel(self.optimizer)
+
+    def barrier(self) -> None:
+        pass
+
+
+def _state_numel(opt: torch.optim.Optimizer) -> int:
+    return sum(
+        t.numel() for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0
+    )
+
+
+def make_all_gather(max_rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An all_gather for the queue that tolerates a different number of rows per rank.
+
+    Ranks may hold fewer than `max_rows` rows (undecodable images are dropped from a batch), but
+    all_gather needs equal shapes: each rank pads to max_rows with a validity column, one collective moves
+    everything, and the valid rows are kept in rank order.
+    """
+    import torch.distributed as dist
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        n, d = x.shape
+        if n > max_rows:
+            raise ValueError(f"queue gather got {n} rows, more than the {max_rows} a step can hold")
+        padded = torch.zeros(max_rows, d + 1, dtype=x.dtype, device=x.device)
+        padded[:n, :d] = x
+        padded[:n, d] = 1
+        out = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, padded)
+        allrows = torch.cat(out)
+        return allrows[allrows[:, d] > 0, :d]  # boolean select: one host sync per optimizer step
+
+    return gather
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO-2 around the ALBEF module (gradients and AdamW states partitioned across ranks).
+
+    Momentum encoders and queues are buffers of the module, so DeepSpeed neither optimises nor casts
+    them (they stay fp32 under bf16); DeepSpeed broadcasts parameters but not buffers, so they are broadcast
+    from rank 0 here.
+    """
+
+    def __init__(self, model: ALBEFPretrain, cfg: Config, device: torch.device, info: DistInfo) -> None:
+        try:
+            import deepspeed
+        except ImportError as e:  # pragma: no cover - deepspeed is in requirements.txt
+            raise ConfigError(
+                "train.engine = deepspeed needs the deepspeed package (pip install deepspeed)"
+            ) from e
+        import torch.distributed as dist
+
+        self.rank, self.world_size = info.rank, info.world_size
+        ds_cfg = build_ds_config(cfg, world_size=info.world_size)
+        self.input_dtype = (
+            torch.bfloat16
+            if ds_cfg["bf16"]["enabled"]
+            else torch.float16
+            if ds_cfg["fp16"]["enabled"]
+            else torch.float32
+        )
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=_adamw(model, cfg, device), config=ds_cfg
+        )
+        self.engine = engine
+        self.module: ALBEFPretrain = engine.module
+        with torch.no_grad():
+            for buf in self.module.buffers():
+                dist.broadcast(buf, src=0)
+        log.info(
+            "DeepSpeed ZeRO-%d on %d ranks, %s, micro-batch %d x accumulation %d x %d ranks = %d",
+            ds_cfg["zero_optimization"]["stage"],
+            info.world_size,
+            self.input_dtype,
+            ds_cfg["train_micro_batch_size_per_gpu"],
+            ds_cfg["gradient_accumulation_steps"],
+            info.world_size,
+            ds_cfg["train_batch_size"],
+        )
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+
+    def forward(self, image, input_ids, attention_mask, *, alpha: float):
+        return self.engine(image.to(self.input_dtype), input_ids, attention_mask, alpha=alpha)
+
+    def micro_step(self, loss: torch.Tensor, *, last: bool) -> None:
+        # DeepSpeed scales by 1/accumulation itself and applies the optimizer at the boundary only.
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def optimizer_state_numel(self) -> int:
+        """Elements of AdamW state held by this rank (ZeRO-2 partitions them across ranks)."""
+        return _state_numel(self.engine.optimizer.optimizer)  # the torch AdamW inside ZeRO's wrapper
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def init_distributed(info: DistInfo, device: torch.device) -> None:
+    """Form the process group (gloo on CPU, nccl on GPU) from the discovered rank variables."""
+    import deepspeed
+
+    info.export()
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False
+    )
