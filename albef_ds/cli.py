@@ -31,8 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pretrain",
         help="pre-train ALBEF (ITC + ITM + MLM with momentum distillation)",
-        description="Pre-train ALBEF on the configured JSON lists; writes the resolved config, "
-        "metrics.jsonl and checkpoint.pt into train.output_dir.",
+        description="Pre-train ALBEF on the configured JSON lists; writes the resolved config, metrics.jsonl,"
+        " "
+        "rank<N>.json, resumable checkpoints (train.save_every) and checkpoint.pt into train.output_dir. "
+        "train.engine=torch runs one process; train.engine=deepspeed runs ZeRO-2 on the ranks a launcher "
+        "started (deepspeed, torchrun, srun or mpirun). SIGTERM/SIGUSR1 checkpoint and exit with status 85 "
+        "(requeue); train.resume=auto continues from the newest complete checkpoint.",
     )
     _add_config_args(p)
 
@@ -70,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "pretrain":
-            from .train.loop import pretrain
+            from .train.loop import EXIT_PREEMPTED, pretrain
 
             result = pretrain(cfg)
+            if result.get("preempted"):
+                return EXIT_PREEMPTED
             before = result.get("retrieval_before", {})
             after = result.get("retrieval_after", {})
             if before and after:

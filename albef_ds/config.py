@@ -134,7 +134,12 @@ class TrainConfig:
     log_every: int = 50  # read metrics from the device every N steps (no host sync in between)
     eval_at_start: bool = True  # ITC retrieval before the first step
     eval_at_end: bool = True
-    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    save_every: int = 0  # optimizer steps between resumable checkpoints (checkpoints/<tag>); 0 = none
+    keep_last: int = 2  # resumable checkpoints kept (older ones are deleted once a newer one is complete)
+    resume: str = (
+        ""  # "" = start fresh; "auto" = the newest complete checkpoint if any; or a tag (step_00000100)
+    )
+    stop_at_step: int = -1  # behave as if preempted after this step (checkpoint, exit 85); -1 = never
 
 
 @dataclass

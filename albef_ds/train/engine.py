@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from ..config import Config, ConfigError
 from ..model import ALBEFPretrain
+from ..model.weights import OUR_FORMAT
+from .checkpoint import atomic_torch_save
 from .dist_env import DistInfo
 from .ds_config import build_ds_config
 from .schedule import param_groups
@@ -64,8 +67,32 @@ class TorchEngine:
         """Elements of AdamW state (exp_avg, exp_avg_sq) held by this process."""
         return _state_numel(self.optimizer)
 
+    def save(self, root: Path, tag: str, client: dict) -> None:
+        """Model (with momentum copies and queues), optimizer and client state into root/tag/state.pt."""
+        payload = {
+            "albef_ds_format": OUR_FORMAT,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "client": client,
+        }
+        atomic_torch_save(payload, root / tag / "state.pt")
+
+    def load(self, root: Path, tag: str) -> dict:
+        path = root / tag / "state.pt"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"checkpoint {path} does not exist (a DeepSpeed checkpoint needs train.engine=deepspeed)"
+            )
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        self.module.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        return payload["client"]
+
     def barrier(self) -> None:
         pass
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag
 
 
 def _state_numel(opt: torch.optim.Optimizer) -> int:
@@ -159,10 +186,45 @@ class DeepSpeedEngine:
         """Elements of AdamW state held by this rank (ZeRO-2 partitions them across ranks)."""
         return _state_numel(self.engine.optimizer.optimizer)  # the torch AdamW inside ZeRO's wrapper
 
+    def save(self, root: Path, tag: str, client: dict) -> None:
+        """DeepSpeed's checkpoint (module state with buffers, partitioned optimizer states) + client state.
+
+        `latest` is written by the caller once every rank has finished (save_latest=False here)."""
+        self.engine.save_checkpoint(str(root), tag=tag, client_state={"albef_ds": client}, save_latest=False)
+
+    def load(self, root: Path, tag: str) -> dict:
+        if not (root / tag).is_dir():
+            raise FileNotFoundError(f"checkpoint folder {root / tag} does not exist")
+        from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
+        try:
+            path, client = self.engine.load_checkpoint(str(root), tag=tag)
+        except ZeRORuntimeException as e:
+            # A plain ZeRO-2 checkpoint cannot repartition AdamW state for another rank count (DeepSpeed's
+            # universal-checkpoint conversion can; not wired in yet). Weights, momentum encoders and queues
+            # (module state) still load; the optimizer moments restart.
+            log.warning("%s -- loading the module state only: AdamW moments restart from zero", e)
+            path, client = self.engine.load_checkpoint(
+                str(root), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False
+            )
+        if path is None or "albef_ds" not in (client or {}):
+            raise ValueError(
+                f"{root / tag} is not an albef-ds DeepSpeed checkpoint (no albef_ds client state)"
+            )
+        return client["albef_ds"]
+
     def barrier(self) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (ranks must stop at the same step)."""
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a 4-byte collective on the CPU group
+        return bool(t.item())
 
 
 def init_distributed(info: DistInfo, device: torch.device) -> None:

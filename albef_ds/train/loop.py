@@ -10,8 +10,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from ..data import RetrievalEvalSet, TextTokenizer, build_pretrain_loader
 from ..eval.retrieval import itc_retrieval
 from ..model import ALBEFPretrain
 from ..model.weights import OUR_FORMAT, load_pretrained
+from .checkpoint import atomic_torch_save, publish, read_latest, rng_state, set_rng_state, step_tag
 from .dist_env import DistInfo, world_info_from_env
 from .ds_config import build_ds_config, global_batch, scaled_lr
 from .schedule import alpha_at, lr_at
@@ -76,26 +77,43 @@ def build_model(cfg: Config, tokenizer: TextTokenizer, **kwargs) -> ALBEFPretrai
 
 
 def save_checkpoint(path: str | Path, model: ALBEFPretrain, cfg: Config, **state) -> Path:
-    """Atomic: written to a temp file in the same folder, fsynced, then renamed over the target."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    """Consolidated fp32 weights (+ config) for evaluation; atomic (temp file, fsync, rename)."""
     payload = {
         "albef_ds_format": OUR_FORMAT,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {
+            k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+            for k, v in model.state_dict().items()
+        },
         "config": config_to_dict(cfg),
         **state,
     }
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return p
+    return atomic_torch_save(payload, Path(path))
+
+
+EXIT_PREEMPTED = 85  # exit status after a signal-triggered checkpoint: "requeue me" for the launcher
+
+
+class _StopSignals:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes the current step, checkpoints and exits."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> _StopSignals:
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
 
 
 def _sha256(tensors) -> str:
@@ -137,14 +155,28 @@ class _MetricsFile:
             f.write(json.dumps(record) + "\n")
 
 
-def _batches(loader, sampler, start_epoch: int = 0):
-    """(epoch, batch) forever: a new epoch (re-seeded order and augmentation) when one runs out."""
-    epoch = start_epoch
+def _batches(loader, sampler, start_epoch: int = 0, start_batch: int = 0):
+    """(epoch, batches done in that epoch, batch) forever, from a position in an epoch (resume): a new
+    epoch (re-seeded order and augmentation) when one runs out."""
+    epoch, done = start_epoch, start_batch
     while True:
         sampler.set_epoch(epoch)
+        sampler.set_start(done)
         for batch in loader:
-            yield epoch, batch
-        epoch += 1
+            done += 1
+            yield epoch, done, batch
+        epoch, done = epoch + 1, 0
+
+
+def _resume_tag(resume: str, root: Path) -> str | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        return read_latest(root)  # None: nothing to resume from yet, start fresh
+    tag = Path(resume).name
+    if not (root / tag).is_dir():
+        raise ConfigError(f"train.resume = {resume!r}: no checkpoint folder {root / tag}")
+    return tag
 
 
 def _make_engine(cfg: Config, model: ALBEFPretrain, device: torch.device, info: DistInfo):
@@ -267,7 +299,56 @@ def pretrain(cfg: Config) -> dict:
         result[f"retrieval_{tag}"] = r
         metrics_file.write({"event": f"eval_{tag}", "step": result["steps"], **r})
 
-    if cfg.train.eval_at_start:
+    ckpt_root = out_dir / "checkpoints"
+    start_step, start_epoch, start_batch = 0, 0, 0
+    rng_to_restore = None
+    tag = _resume_tag(cfg.train.resume, ckpt_root)
+    if tag:
+        client = engine.load(ckpt_root, tag)
+        start_step, start_epoch, start_batch = client["step"], client["epoch"], client["batches_in_epoch"]
+        rng_file = ckpt_root / tag / f"rng_rank{info.rank}.pt"
+        if client["world_size"] != info.world_size:
+            # Another rank count: weights, optimizer, momentum and queues carry over; the data order is
+            # re-split across ranks from the start of the interrupted epoch's remaining share.
+            log.warning(
+                "resuming a %d-rank checkpoint on %d ranks: the data order and random streams differ from "
+                "an uninterrupted run",
+                client["world_size"],
+                info.world_size,
+            )
+            start_batch = min(
+                start_batch * client["world_size"] // info.world_size, sampler.batches_per_epoch
+            )
+        elif rng_file.is_file():
+            rng_to_restore = torch.load(rng_file, weights_only=True)
+        log.info(
+            "resumed from %s: step %d, epoch %d, batch %d of the epoch",
+            ckpt_root / tag,
+            start_step,
+            start_epoch,
+            start_batch,
+        )
+        result["resumed_from"] = tag
+    result["steps"] = start_step
+
+    def save_resumable(step_done: int, epoch_now: int, batches_in_epoch: int) -> None:
+        tag_now = step_tag(step_done)
+        client = {
+            "step": step_done,
+            "epoch": epoch_now,
+            "batches_in_epoch": batches_in_epoch,
+            "world_size": info.world_size,
+            "data_seed": cfg.train.seed,
+            "config": config_to_dict(cfg),
+        }
+        engine.save(ckpt_root, tag_now, client)
+        atomic_torch_save(rng_state(), ckpt_root / tag_now / f"rng_rank{info.rank}.pt")
+        engine.barrier()  # every rank has written its part before `latest` moves
+        if is_main:
+            publish(ckpt_root, tag_now, cfg.train.keep_last)
+            log.info("checkpoint %s complete", ckpt_root / tag_now)
+
+    if cfg.train.eval_at_start and not tag:
         evaluate("before")
 
     model.train()
@@ -278,92 +359,108 @@ def pretrain(cfg: Config) -> dict:
     samples_window = 0
     seen: list[tuple[int, torch.Tensor]] = []  # (epoch, sample indices) this rank trained on
     t_window = t_start = time.perf_counter()
-    batches = _batches(loader, sampler)
-    epoch = 0
-    for step in range(total_steps):
-        lr = lr_at(
-            step,
-            total_steps=total_steps,
-            lr=peak_lr,
-            min_lr=o.min_lr,
-            warmup_lr=o.warmup_lr,
-            warmup_steps=o.warmup_steps,
-        )
-        engine.set_lr(lr)
-        alpha = alpha_at(step, alpha=cfg.loss.alpha, ramp_steps=ramp)
-        model.momentum_update()  # once per optimizer step, before the momentum forward
-        feats_i, feats_t = [], []
-        for micro in range(accum):
-            epoch, batch = next(batches)
-            skipped += int(batch["num_skipped"])
-            if batch["image"].shape[0] < 2:
-                raise RuntimeError(
-                    f"rank {info.rank}, step {step}: fewer than 2 decodable images in a batch of "
-                    f"{cfg.train.batch_size} ({batch['num_skipped']} skipped); check the data or use a "
-                    "larger batch"
-                )
-            image = batch["image"].to(device, non_blocking=True)
-            out = engine.forward(
-                image,
-                batch["input_ids"].to(device, non_blocking=True),
-                batch["attention_mask"].to(device, non_blocking=True),
-                alpha=alpha,
+    batches = _batches(loader, sampler, start_epoch, start_batch)
+    if rng_to_restore is not None:
+        set_rng_state(rng_to_restore)  # after the loader exists: the run continues the saved random streams
+    epoch, batches_in_epoch = start_epoch, start_batch
+    with _StopSignals() as stop:
+        for step in range(start_step, total_steps):
+            lr = lr_at(
+                step,
+                total_steps=total_steps,
+                lr=peak_lr,
+                min_lr=o.min_lr,
+                warmup_lr=o.warmup_lr,
+                warmup_steps=o.warmup_steps,
             )
-            engine.micro_step(out.loss, last=micro == accum - 1)
-            feats_i.append(out.image_feat_m)
-            feats_t.append(out.text_feat_m)
-            acc += torch.stack([out.loss, out.loss_itc, out.loss_itm, out.loss_mlm]).detach().float()
-            acc_n += 1
-            samples_window += image.shape[0]
-            if cfg.train.record_samples:
-                seen.append((epoch, batch["index"]))
-        # One enqueue (one all-gather) per optimizer step, of every micro-batch's momentum features.
-        model.enqueue(torch.cat(feats_i), torch.cat(feats_t))
-        done = step + 1
-        result["steps"] = done
-        if done % cfg.train.log_every == 0 or done == total_steps:
-            vals = (acc / acc_n).tolist()  # the one host sync per log window
-            if not all(math.isfinite(v) for v in vals):
-                raise FloatingPointError(f"non-finite loss at step {done} on rank {info.rank}: {vals}")
-            dt = time.perf_counter() - t_window
-            rec = {
-                "event": "train",
-                "step": done,
-                "epoch": epoch,
-                "lr": lr,
-                "alpha": alpha,
-                "loss": vals[0],
-                "loss_itc": vals[1],
-                "loss_itm": vals[2],
-                "loss_mlm": vals[3],
-                "temp": float(model.clamped_temp().item()),
-                "samples_per_s": samples_window * info.world_size / dt,
-                "skipped_images": skipped,
-            }
-            result["last"] = rec
-            if metrics_file:
-                metrics_file.write(rec)
-                eta = (time.perf_counter() - t_start) / done * (total_steps - done)
-                log.info(
-                    "step %d/%d  loss %.3f (itc %.3f itm %.3f mlm %.3f)  lr %.2e  alpha %.2f  "
-                    "%.1f samples/s  eta %.0fs",
-                    done,
-                    total_steps,
-                    vals[0],
-                    vals[1],
-                    vals[2],
-                    vals[3],
-                    lr,
-                    alpha,
-                    rec["samples_per_s"],
-                    eta,
+            engine.set_lr(lr)
+            alpha = alpha_at(step, alpha=cfg.loss.alpha, ramp_steps=ramp)
+            model.momentum_update()  # once per optimizer step, before the momentum forward
+            feats_i, feats_t = [], []
+            for micro in range(accum):
+                epoch, batches_in_epoch, batch = next(batches)
+                skipped += int(batch["num_skipped"])
+                if batch["image"].shape[0] < 2:
+                    raise RuntimeError(
+                        f"rank {info.rank}, step {step}: fewer than 2 decodable images in a batch of "
+                        f"{cfg.train.batch_size} ({batch['num_skipped']} skipped); check the data or use a "
+                        "larger batch"
+                    )
+                image = batch["image"].to(device, non_blocking=True)
+                out = engine.forward(
+                    image,
+                    batch["input_ids"].to(device, non_blocking=True),
+                    batch["attention_mask"].to(device, non_blocking=True),
+                    alpha=alpha,
                 )
-            acc.zero_()
-            acc_n = 0
-            samples_window = 0
-            t_window = time.perf_counter()
-        if is_main and cfg.train.save_every > 0 and done % cfg.train.save_every == 0:
-            save_checkpoint(out_dir / "checkpoint.pt", model, cfg, step=done, epoch=epoch)
+                engine.micro_step(out.loss, last=micro == accum - 1)
+                feats_i.append(out.image_feat_m)
+                feats_t.append(out.text_feat_m)
+                acc += torch.stack([out.loss, out.loss_itc, out.loss_itm, out.loss_mlm]).detach().float()
+                acc_n += 1
+                samples_window += image.shape[0]
+                if cfg.train.record_samples:
+                    seen.append((epoch, batch["index"]))
+            # One enqueue (one all-gather) per optimizer step, of every micro-batch's momentum features.
+            model.enqueue(torch.cat(feats_i), torch.cat(feats_t))
+            done = step + 1
+            result["steps"] = done
+            if done % cfg.train.log_every == 0 or done == total_steps:
+                vals = (acc / acc_n).tolist()  # the one host sync per log window
+                if not all(math.isfinite(v) for v in vals):
+                    raise FloatingPointError(f"non-finite loss at step {done} on rank {info.rank}: {vals}")
+                dt = time.perf_counter() - t_window
+                rec = {
+                    "event": "train",
+                    "step": done,
+                    "epoch": epoch,
+                    "lr": lr,
+                    "alpha": alpha,
+                    "loss": vals[0],
+                    "loss_itc": vals[1],
+                    "loss_itm": vals[2],
+                    "loss_mlm": vals[3],
+                    "temp": float(model.clamped_temp().item()),
+                    "samples_per_s": samples_window * info.world_size / dt,
+                    "skipped_images": skipped,
+                }
+                result["last"] = rec
+                if metrics_file:
+                    metrics_file.write(rec)
+                    eta = (time.perf_counter() - t_start) / (done - start_step) * (total_steps - done)
+                    log.info(
+                        "step %d/%d  loss %.3f (itc %.3f itm %.3f mlm %.3f)  lr %.2e  alpha %.2f  "
+                        "%.1f samples/s  eta %.0fs",
+                        done,
+                        total_steps,
+                        vals[0],
+                        vals[1],
+                        vals[2],
+                        vals[3],
+                        lr,
+                        alpha,
+                        rec["samples_per_s"],
+                        eta,
+                    )
+                acc.zero_()
+                acc_n = 0
+                samples_window = 0
+                t_window = time.perf_counter()
+            preempt = engine.any_rank(stop.received is not None or done == cfg.train.stop_at_step)
+            if preempt or (cfg.train.save_every > 0 and done % cfg.train.save_every == 0):
+                save_resumable(done, epoch, batches_in_epoch)
+            if preempt:
+                log.warning(
+                    "stopped after step %d with a checkpoint; exit status %d asks for a requeue",
+                    done,
+                    EXIT_PREEMPTED,
+                )
+                result["preempted"] = True
+                break
+    if result.get("preempted"):
+        write_rank_report(out_dir, info.rank, model, engine, seen, steps=result["steps"])
+        engine.barrier()
+        return result
 
     result["skipped_images"] = skipped
     write_rank_report(out_dir, info.rank, model, engine, seen, steps=result["steps"])

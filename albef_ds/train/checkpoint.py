@@ -1,0 +1,92 @@
+"""Checkpoint files: atomic writes, the `latest` pointer, pruning, and per-rank RNG states.
+
+Layout of a run folder:
+    checkpoints/<tag>/...          engine state (ours: state.pt; DeepSpeed: its own files) + rng_rank<N>.pt
+    checkpoints/latest             the tag of the newest *complete* checkpoint (written last, atomically)
+    checkpoint.pt                  consolidated weights for evaluation / export (written at the end)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj, path: Path) -> Path:
+    """torch.save to a temp file in the same folder, fsync, rename: a crash never leaves a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def read_latest(root: Path) -> str | None:
+    """The tag `latest` names, if that checkpoint folder exists."""
+    f = root / "latest"
+    if not f.is_file():
+        return None
+    tag = f.read_text().strip()
+    return tag if tag and (root / tag).is_dir() else None
+
+
+def publish(root: Path, tag: str, keep_last: int) -> None:
+    """Point `latest` at a checkpoint all ranks have finished, then drop all but the newest keep_last."""
+    atomic_write_bytes(root / "latest", (tag + "\n").encode())
+    if keep_last > 0:
+        tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+        for old in tags[:-keep_last]:
+            if old != tag:
+                shutil.rmtree(root / old, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    """This process's RNG states in a form `torch.load(weights_only=True)` accepts (tensors, ints, tuples)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
