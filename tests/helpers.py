@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from albef_ds.config import ModelConfig, TextConfig, VisionConfig
@@ -68,3 +74,35 @@ def assert_same_state(a: dict, b: dict, *, max_atol: float = 1e-4, mean_atol: fl
         total += d.sum().item()
         count += d.numel()
     assert total / count <= mean_atol, total / count
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_deepspeed(
+    ranks: int, args: list[str], *, threads: int | None = None
+) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus <ranks> ... --module albef_ds.cli <args>`: real ranks on this machine's CPU
+    accelerator (gloo). threads: OMP_NUM_THREADS per rank (1 makes reductions deterministic)."""
+    exe = Path(sys.executable).with_name("deepspeed")
+    cmd = [
+        str(exe),
+        "--num_gpus",
+        str(ranks),
+        "--no_local_rank",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "albef_ds.cli",
+        *args,
+    ]
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)

@@ -11,33 +11,22 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """write() into a temp file in the same folder, fsync, rename: a crash never leaves a torn file, and
+    a failed write removes its temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj, path: Path) -> Path:
-    """torch.save to a temp file in the same folder, fsync, rename: a crash never leaves a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
@@ -45,6 +34,14 @@ def atomic_torch_save(obj, path: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_torch_save(obj, path: Path) -> Path:
+    return _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def step_tag(step: int) -> str:

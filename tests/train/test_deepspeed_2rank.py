@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from albef_ds.cli import main
+from tests.helpers import launch_deepspeed
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 16  # two epochs of 8 steps per rank: 256 pairs / (16 per rank x 2 ranks)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,31 +28,24 @@ def ds_run(tmp_path_factory):
     ]
     assert main(["data", "synth", "--config", str(ROOT / "configs/debug.yaml"), *data_ov]) == 0
     run = tmp / "run"
-    exe = Path(sys.executable).with_name("deepspeed")
-    cmd = [
-        str(exe),
-        "--num_gpus",
-        "2",
-        "--no_local_rank",
-        "--master_port",
-        str(_free_port()),
-        "--module",
-        "albef_ds.cli",
-        "pretrain",
-        "--config",
-        str(ROOT / "configs/debug.yaml"),
-        *data_ov,
-        "train.engine=deepspeed",
-        f"train.output_dir={run}",
-        f"train.max_steps={STEPS}",
-        "train.batch_size=16",
-        "train.log_every=4",
-        "train.record_samples=true",
-        "train.eval_at_start=false",
-        "data.num_workers=1",
-        "model.queue_size=50",  # not a multiple of the global batch (32): the ring wraps
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = launch_deepspeed(
+        2,
+        [
+            "pretrain",
+            "--config",
+            str(ROOT / "configs/debug.yaml"),
+            *data_ov,
+            "train.engine=deepspeed",
+            f"train.output_dir={run}",
+            f"train.max_steps={STEPS}",
+            "train.batch_size=16",
+            "train.log_every=4",
+            "train.record_samples=true",
+            "train.eval_at_start=false",
+            "data.num_workers=1",
+            "model.queue_size=50",  # not a multiple of the global batch (32): the ring wraps
+        ],
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     reports = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
     return run, reports, out.stdout + out.stderr

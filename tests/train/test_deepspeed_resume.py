@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,38 +13,17 @@ import torch
 
 from albef_ds.cli import main
 from albef_ds.train.loop import EXIT_PREEMPTED
-from tests.helpers import assert_same_state
+from tests.helpers import assert_same_state, launch_deepspeed
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = str(ROOT / "configs/debug.yaml")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(ranks: int, overrides: list[str]) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("deepspeed")
-    cmd = [
-        str(exe),
-        "--num_gpus",
-        str(ranks),
-        "--no_local_rank",
-        "--master_port",
-        str(_free_port()),
-        "--module",
-        "albef_ds.cli",
-        "pretrain",
-        "--config",
-        CFG,
-        "train.engine=deepspeed",
-        *overrides,
-    ]
     # One intra-op thread per rank: deterministic reductions, so a resumed run can match to 1e-6.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    return launch_deepspeed(
+        ranks, ["pretrain", "--config", CFG, "train.engine=deepspeed", *overrides], threads=1
+    )
 
 
 @pytest.fixture(scope="module")
