@@ -308,8 +308,9 @@ def pretrain(cfg: Config) -> dict:
         start_step, start_epoch, start_batch = client["step"], client["epoch"], client["batches_in_epoch"]
         rng_file = ckpt_root / tag / f"rng_rank{info.rank}.pt"
         if client["world_size"] != info.world_size:
-            # Another rank count: weights, optimizer, momentum and queues carry over; the data order is
-            # re-split across ranks from the start of the interrupted epoch's remaining share.
+            # Another rank count: weights, momentum encoders and queues carry over (AdamW moments too where
+            # the engine can repartition them); the epoch is re-split across the new ranks and resumes at
+            # the same fraction of it.
             log.warning(
                 "resuming a %d-rank checkpoint on %d ranks: the data order and random streams differ from "
                 "an uninterrupted run",
