@@ -46,7 +46,6 @@ class TorchEngine:
         self.accum = cfg.train.grad_accum
         self.grad_clip = cfg.optim.grad_clip
         self.optimizer = _adamw(model, cfg, device)
-        self.input_dtype = torch.float32
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -143,6 +142,7 @@ class DeepSpeedEngine:
         import torch.distributed as dist
 
         self.rank, self.world_size = info.rank, info.world_size
+        self.device = device
         ds_cfg = build_ds_config(cfg, world_size=info.world_size)
         self.input_dtype = (
             torch.bfloat16
@@ -222,8 +222,9 @@ class DeepSpeedEngine:
         """True on every rank when `flag` is true on any (ranks must stop at the same step)."""
         import torch.distributed as dist
 
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a 4-byte collective on the CPU group
+        # On the group's device: NCCL reduces only CUDA tensors (gloo takes the CPU one).
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # 4 bytes; .item() below is one sync per step
         return bool(t.item())
 
 

@@ -51,6 +51,10 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def _pretrain(synth: list[str], run: Path, *extra: str) -> int:
+    return main(["pretrain", "--config", CFG, *synth, f"train.output_dir={run}", *extra])
+
+
 def _losses(run: Path) -> dict[int, dict]:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in recs if r["event"] == "train"}
@@ -62,14 +66,11 @@ def _final_state(run: Path) -> dict:
 
 def test_single_process_resume_is_exact(tmp_path, synth, one_thread):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(["pretrain", "--config", CFG, *synth, f"train.output_dir={straight}"]) == 0
-    rc = main(["pretrain", "--config", CFG, *synth, f"train.output_dir={resumed}", "train.stop_at_step=5"])
-    assert rc == EXIT_PREEMPTED
+    assert _pretrain(synth, straight) == 0
+    assert _pretrain(synth, resumed, "train.stop_at_step=5") == EXIT_PREEMPTED
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000005"
     assert not (resumed / "checkpoint.pt").exists()  # stopped, not finished
-    assert (
-        main(["pretrain", "--config", CFG, *synth, f"train.output_dir={resumed}", "train.resume=auto"]) == 0
-    )
+    assert _pretrain(synth, resumed, "train.resume=auto") == 0
     a, b = _losses(straight), _losses(resumed)
     assert sorted(b) == list(range(1, 13))
     for step in range(6, 13):
@@ -82,43 +83,14 @@ def test_single_process_resume_is_exact(tmp_path, synth, one_thread):
 
 def test_resume_auto_without_checkpoint_starts_fresh_and_bad_tag_errors(tmp_path, synth, capsys):
     run = tmp_path / "fresh"
-    assert (
-        main(
-            [
-                "pretrain",
-                "--config",
-                CFG,
-                *synth,
-                f"train.output_dir={run}",
-                "train.resume=auto",
-                "train.max_steps=2",
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(["pretrain", "--config", CFG, *synth, f"train.output_dir={run}", "train.resume=step_00000099"])
-        == 2
-    )
+    assert _pretrain(synth, run, "train.resume=auto", "train.max_steps=2") == 0
+    assert _pretrain(synth, run, "train.resume=step_00000099") == 2
     assert "no checkpoint folder" in capsys.readouterr().err
 
 
 def test_keep_last_prunes_and_latest_points_at_newest(tmp_path, synth):
     run = tmp_path / "prune"
-    assert (
-        main(
-            [
-                "pretrain",
-                "--config",
-                CFG,
-                *synth,
-                f"train.output_dir={run}",
-                "train.save_every=3",
-                "train.keep_last=2",
-            ]
-        )
-        == 0
-    )
+    assert _pretrain(synth, run, "train.save_every=3", "train.keep_last=2") == 0
     root = run / "checkpoints"
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000009", "step_00000012"]
     assert (root / "latest").read_text().strip() == "step_00000012"
@@ -148,19 +120,8 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path, synth):
     tag = (run / "checkpoints" / "latest").read_text().strip()
     stopped_at = int(tag.split("_")[1])
     assert 3 <= stopped_at < 400 and "received SIGUSR1" in rest
-    assert (
-        main(
-            [
-                "pretrain",
-                "--config",
-                CFG,
-                *synth,
-                f"train.output_dir={run}",
-                "train.resume=auto",
-                "train.max_steps=400",
-                f"train.stop_at_step={stopped_at + 2}",
-            ]
-        )
-        == EXIT_PREEMPTED
+    rc = _pretrain(
+        synth, run, "train.resume=auto", "train.max_steps=400", f"train.stop_at_step={stopped_at + 2}"
     )
+    assert rc == EXIT_PREEMPTED
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at + 2:08d}"
