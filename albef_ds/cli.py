@@ -50,6 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="", help="checkpoint to evaluate (default: random init)")
     p.add_argument("--output", default="", help="also write the metrics JSON to this file")
 
+    p = sub.add_parser(
+        "export",
+        help="consolidated fp32 weights (safetensors) from a checkpoint or run folder",
+        description="Write one .safetensors file of fp32 weights (momentum encoders and queues included) "
+        "from a DeepSpeed checkpoint folder (fp32 master weights gathered from every rank's partition), a "
+        "torch-engine checkpoint folder, a checkpoint.pt, or a run folder (its newest complete checkpoint). "
+        "`albef-ds evaluate --checkpoint` and fine-tuning load the result.",
+    )
+    p.add_argument("source", help="checkpoint folder, run folder or checkpoint.pt")
+    p.add_argument("--output", "-o", required=True, help="output file (.safetensors)")
+
     p = sub.add_parser("data", help="data utilities", description="Data utilities.")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     s = dsub.add_parser(
@@ -72,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
+        if args.command == "export":
+            from .train.export import export_weights
+
+            print(json.dumps(export_weights(args.source, args.output), indent=2))
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "pretrain":
             from .train.loop import EXIT_PREEMPTED, pretrain
@@ -104,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 out = generate_synthetic(cfg.data.synth, force=args.force)
                 print(f"synthetic set written to {out}")
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"albef-ds: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -132,6 +132,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # "auto" = cuda if available, else cpu
     log_every: int = 50  # read metrics from the device every N steps (no host sync in between)
+    tensorboard: bool = True  # TensorBoard event files under <output_dir>/tensorboard (rank 0)
     eval_at_start: bool = True  # ITC retrieval before the first step
     eval_at_end: bool = True
     save_every: int = 0  # optimizer steps between resumable checkpoints (checkpoints/<tag>); 0 = none

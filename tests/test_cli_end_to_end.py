@@ -15,7 +15,7 @@ from albef_ds.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("argv", [[], ["pretrain"], ["evaluate"], ["data"], ["data", "synth"]])
+@pytest.mark.parametrize("argv", [[], ["pretrain"], ["evaluate"], ["export"], ["data"], ["data", "synth"]])
 def test_help_of_every_command(argv):
     # The installed console script, as a user runs it.
     exe = Path(sys.executable).with_name("albef-ds")

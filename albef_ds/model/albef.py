@@ -11,6 +11,7 @@ reference's names (`visual_encoder_m.*`, `text_encoder_m.*`, ...).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ from .bert import BertMLM
 from .losses import itm_loss, mask_tokens, mlm_capacity, sample_hard_negatives, select_scored_positions
 from .vit import build_vit
 
-AllGather = Callable[[torch.Tensor], torch.Tensor]
+# An all_gather returns the gathered rows, or (rows, valid) when ranks may hold fewer rows than the padded
+# size: `valid` (bool, one per row) marks the real ones, so no host-side count is needed.
+AllGather = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 
 
 def identity_gather(x: torch.Tensor) -> torch.Tensor:
@@ -135,21 +138,46 @@ class ALBEFPretrain(nn.Module):
         """Gather the momentum features of the global batch (one collective) and write them into the ring.
 
         Works for any global batch G and queue size Q: slots (ptr + i) mod Q; if G > Q only the newest Q
-        features are kept. The pointer stays on the device (no sync).
+        features are kept. The pointer stays on the device, and when the gather marks padded rows
+        (ranks that dropped undecodable images) they are left out without a host sync as long as G <= Q.
         """
         q = self.image_queue.shape[0]
         if q == 0:
             return
         d = image_feat_m.shape[1]
         packed = torch.cat([image_feat_m, text_feat_m], dim=1).to(self.image_queue.dtype)  # (B, 2D)
-        gathered = self.all_gather(packed)  # (G, 2D)
+        gathered = self.all_gather(packed)  # (G, 2D) or ((G, 2D), valid)
+        valid = None
+        if isinstance(gathered, tuple):
+            gathered, valid = gathered
         g = gathered.shape[0]
+        if valid is not None and g <= q:
+            self._enqueue_masked(gathered, valid, d)
+            return
+        if valid is not None:  # more rows than slots: select the real ones (a host sync; rare)
+            gathered = gathered[valid]
+            g = gathered.shape[0]
         skip = max(0, g - q)  # entries that the newer ones would overwrite within this same write
         gathered = gathered[skip:]
         slots = (self.queue_ptr + skip + torch.arange(g - skip, device=gathered.device)) % q
         self.image_queue.index_copy_(0, slots, gathered[:, :d])
         self.text_queue.index_copy_(0, slots, gathered[:, d:])
         self.queue_ptr.copy_((self.queue_ptr + g) % q)
+
+    def _enqueue_masked(self, rows: torch.Tensor, valid: torch.Tensor, d: int) -> None:
+        """Write the valid rows (in order) at ptr, ptr+1, ...: every row gets a distinct slot (G <= Q); the
+        padded ones, moved to the end, write back what their slot already holds."""
+        q = self.image_queue.shape[0]
+        g = rows.shape[0]
+        order = torch.sort((~valid).to(torch.uint8), stable=True).indices  # valid rows first, in order
+        rows = rows[order]
+        n = valid.sum()
+        idx = torch.arange(g, device=rows.device)
+        slots = (self.queue_ptr + idx) % q
+        keep = (idx < n)[:, None]
+        self.image_queue.index_copy_(0, slots, torch.where(keep, rows[:, :d], self.image_queue[slots]))
+        self.text_queue.index_copy_(0, slots, torch.where(keep, rows[:, d:], self.text_queue[slots]))
+        self.queue_ptr.copy_((self.queue_ptr + n) % q)
 
     # ------------------------------------------------------------------ encoders
     def clamped_temp(self) -> torch.Tensor:
@@ -184,6 +212,15 @@ class ALBEFPretrain(nn.Module):
         states = enc.bert.encode_text(input_ids, attention_mask)
         return states, F.normalize(proj(states[:, 0]), dim=-1)
 
+    def _momentum_precision(self, image: torch.Tensor):
+        """The momentum encoders keep fp32 weights (buffers: a bf16 EMA would lose most updates) while a
+        bf16/fp16 engine feeds low-precision inputs: their forward then runs under autocast in the input's
+        dtype (low-precision matmuls on fp32 weights), as fast as the online pass."""
+        low = image.dtype in (torch.bfloat16, torch.float16)
+        if low and self.image_queue.dtype == torch.float32:
+            return torch.autocast(device_type=image.device.type, dtype=image.dtype)
+        return contextlib.nullcontext()
+
     # ------------------------------------------------------------------ forward
     def forward(
         self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, alpha: float
@@ -198,7 +235,7 @@ class ALBEFPretrain(nn.Module):
         image_embeds, image_feat = self.encode_image(image)
         text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
 
-        with torch.no_grad():
+        with torch.no_grad(), self._momentum_precision(image):
             image_embeds_m, image_feat_m = self.encode_image(image, momentum=True)
             _, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)
             image_bank = torch.cat([image_feat_m.to(self.image_queue.dtype), self.image_queue], dim=0)
@@ -238,7 +275,7 @@ class ALBEFPretrain(nn.Module):
         )
         states = self.text_encoder.bert(masked_ids, attention_mask, image_embeds)  # (B, L, H)
         logits = self.text_encoder.cls(states.flatten(0, 1).index_select(0, index))  # (K, V)
-        with torch.no_grad():
+        with torch.no_grad(), self._momentum_precision(image):
             states_m = self.text_encoder_m.bert(masked_ids, attention_mask, image_embeds_m)
             logits_m = self.text_encoder_m.cls(states_m.flatten(0, 1).index_select(0, index))
             soft = F.softmax(logits_m.float(), dim=-1)

@@ -72,9 +72,18 @@ def read_state_file(path: str | Path) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"weights file {p} does not exist")
     if p.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        return load_file(str(p), device="cpu")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(p), device="cpu")
+        except Exception as e:  # noqa: BLE001 - re-raised with the path
+            raise ValueError(f"{p} is not a readable safetensors file: {e}") from e
+        if meta.get("albef_ds_format") == str(OUR_FORMAT):  # written by `albef-ds export`
+            return {"albef_ds_format": OUR_FORMAT, "model": tensors}
+        return tensors
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the path

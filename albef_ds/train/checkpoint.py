@@ -2,12 +2,16 @@
 
 Layout of a run folder:
     checkpoints/<tag>/...          engine state (ours: state.pt; DeepSpeed: its own files) + rng_rank<N>.pt
+    checkpoints/<tag>/albef_ds.json  our client state (step, epoch, position, world size, config) as JSON
     checkpoints/latest             the tag of the newest *complete* checkpoint (written last, atomically)
+    checkpoints/universal/<tag>    DeepSpeed universal conversion of <tag>, made when resuming on another
+                                   number of ranks
     checkpoint.pt                  consolidated weights for evaluation / export (written at the end)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -44,6 +48,28 @@ def atomic_torch_save(obj, path: Path) -> Path:
     return _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+CLIENT_FILE = "albef_ds.json"
+
+
+def write_client(folder: Path, client: dict) -> Path:
+    return atomic_write_bytes(folder / CLIENT_FILE, json.dumps(client, indent=1).encode())
+
+
+def read_client(folder: Path) -> dict | None:
+    """The client state a checkpoint folder holds as JSON (None for a folder written before it existed)."""
+    f = folder / CLIENT_FILE
+    if not f.is_file():
+        return None
+    try:
+        client = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); the checkpoint folder is damaged") from e
+    for key in ("step", "epoch", "batches_in_epoch", "world_size"):
+        if not isinstance(client.get(key), int):
+            raise ValueError(f"{f}: field {key!r} is missing or not an integer")
+    return client
+
+
 def step_tag(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -65,6 +91,7 @@ def publish(root: Path, tag: str, keep_last: int) -> None:
         for old in tags[:-keep_last]:
             if old != tag:
                 shutil.rmtree(root / old, ignore_errors=True)
+                shutil.rmtree(root / "universal" / old, ignore_errors=True)
 
 
 def rng_state() -> dict:

@@ -303,6 +303,75 @@ def _from_mpi(environ: Mapping[str, str], default_port: int) -> tuple[DistInfo, 
     return info, {**names, "local_world_size": lws_name, "node_rank": f"{keys[0]} // {lws_name}"}
 
 
+def mpi_launched(env: Mapping[str, str]) -> bool:
+    return _all_set(env, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE") or _all_set(
+        env, "PMI_RANK", "PMI_SIZE"
+    )
+
+
+def _mpi4py_world():
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        logger.warning(
+            "launched by MPI but mpi4py is not installed: ranks come from the MPI environment variables and "
+            "the rendezvous address from MASTER_ADDR (pip install mpi4py for full MPI discovery)"
+        )
+        return None
+    return MPI.COMM_WORLD
+
+
+def mpi4py_rendezvous(info: DistInfo, comm, env: Mapping[str, str]) -> DistInfo:
+    """Complete what MPI's variables leave open, by asking the MPI world itself (mpi4py):
+
+    - the node layout: ranks sharing a node (MPI_COMM_TYPE_SHARED) give local rank and size, and nodes are
+      numbered in the order of their lowest rank;
+    - the rendezvous: rank 0's host name and, unless MASTER_PORT is set, a port rank 0 found free, sent to
+      every rank (so multi-node mpirun needs no `-x MASTER_ADDR=...`).
+
+    The rank and world size must agree with the environment's; a mismatch is an error naming both.
+    """
+    import socket
+
+    from mpi4py import MPI
+
+    if comm.Get_rank() != info.rank or comm.Get_size() != info.world_size:
+        raise ValueError(
+            f"MPI says rank {comm.Get_rank()} of {comm.Get_size()} but the environment says rank {info.rank} "
+            f"of {info.world_size}"
+        )
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=info.rank)
+    local_rank, local_world = node.Get_rank(), node.Get_size()
+    leaders = comm.allgather(info.rank if local_rank == 0 else None)
+    node_leader = node.bcast(info.rank if local_rank == 0 else None, root=0)
+    node_rank = sorted(r for r in leaders if r is not None).index(node_leader)
+    node.Free()
+    rendezvous = None
+    if info.rank == 0:
+        addr = _get(env, "MASTER_ADDR") or socket.gethostname()
+        port = _int(env, "MASTER_PORT", 0) if _get(env, "MASTER_PORT") else _free_port()
+        rendezvous = (addr, port)
+    addr, port = comm.bcast(rendezvous, root=0)
+    return DistInfo(
+        rank=info.rank,
+        local_rank=local_rank,
+        world_size=info.world_size,
+        local_world_size=local_world,
+        node_rank=node_rank,
+        master_addr=addr,
+        master_port=port,
+        source="mpi (mpi4py)",
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def slurm_port(job_id: int) -> int:
     """Rendezvous port for a SLURM job: SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN (10000-29999)."""
     return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
@@ -346,15 +415,18 @@ def world_info_from_env(
     Raises ValueError naming the variable and its value when anything is missing, malformed or inconsistent.
     """
     env: Mapping[str, str] = os.environ if environ is None else environ
+    mpi_comm = None
+    if environ is None and mpi_launched(env):
+        mpi_comm = _mpi4py_world()  # the MPI world itself, when mpi4py is installed
     names: dict[str, str] = {}
     if _all_set(env, "RANK", "WORLD_SIZE"):
         info, names = _from_torchrun(env, default_port)
     elif _all_set(env, "SLURM_PROCID") and (_all_set(env, "SLURM_NTASKS") or _all_set(env, "SLURM_NPROCS")):
         info, names = _from_slurm(env, default_port, resolve_hostnames)
-    elif _all_set(env, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE") or _all_set(
-        env, "PMI_RANK", "PMI_SIZE"
-    ):
+    elif mpi_launched(env):
         info, names = _from_mpi(env, default_port)
+        if mpi_comm is not None:
+            info = mpi4py_rendezvous(info, mpi_comm, env)
     else:
         info = DistInfo(
             rank=0,

@@ -6,6 +6,7 @@ The step loop (`loop.py`) only calls `set_lr`, `forward`, `micro_step` and reads
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,8 @@ from .ds_config import build_ds_config
 from .schedule import param_groups
 
 log = logging.getLogger(__name__)
+
+STOP_VOTE_LAG = 2  # steps between a stop request and the step after which every rank stops
 
 
 def _adamw(model: ALBEFPretrain, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -66,6 +69,13 @@ class TorchEngine:
         """Elements of AdamW state (exp_avg, exp_avg_sq) held by this process."""
         return _state_numel(self.optimizer)
 
+    def optimizer_state_abs_sum(self) -> float:
+        return _state_abs_sum(self.optimizer)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict in fp32 on the CPU (buffers in their own dtype)."""
+        return _cpu_fp32(self.module.state_dict())
+
     def save(self, root: Path, tag: str, client: dict) -> None:
         """Model (with momentum copies and queues), optimizer and client state into root/tag/state.pt."""
         payload = {
@@ -90,22 +100,37 @@ class TorchEngine:
     def barrier(self) -> None:
         pass
 
-    def any_rank(self, flag: bool) -> bool:
+    def stop_vote(self, flag: bool) -> bool:
         return flag
+
+    def drain(self) -> None:
+        pass
+
+
+def _cpu_fp32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in sd.items()}
+
+
+def _state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0]
 
 
 def _state_numel(opt: torch.optim.Optimizer) -> int:
-    return sum(
-        t.numel() for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0
-    )
+    return sum(t.numel() for t in _state_tensors(opt))
 
 
-def make_all_gather(max_rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _state_abs_sum(opt: torch.optim.Optimizer) -> float:
+    """Sum of |x| over every AdamW moment held here (float64): partitions over ranks add up to the whole."""
+    return float(sum(t.detach().double().abs().sum().item() for t in _state_tensors(opt)))
+
+
+def make_all_gather(max_rows: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """An all_gather for the queue that tolerates a different number of rows per rank.
 
     Ranks may hold fewer than `max_rows` rows (undecodable images are dropped from a batch), but
-    all_gather needs equal shapes: each rank pads to max_rows with a validity column, one collective moves
-    everything, and the valid rows are kept in rank order.
+    all_gather needs equal shapes: each rank pads to max_rows with a validity column and one collective
+    moves everything. Returns (rows, valid) in rank order; the model's enqueue skips the padded rows on
+    the device, so the gather costs no host sync.
     """
     import torch.distributed as dist
 
@@ -119,7 +144,7 @@ def make_all_gather(max_rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
         out = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
         dist.all_gather(out, padded)
         allrows = torch.cat(out)
-        return allrows[allrows[:, d] > 0, :d]  # boolean select: one host sync per optimizer step
+        return allrows[:, :d], allrows[:, d] > 0
 
     return gather
 
@@ -132,7 +157,17 @@ class DeepSpeedEngine:
     from rank 0 here.
     """
 
-    def __init__(self, model: ALBEFPretrain, cfg: Config, device: torch.device, info: DistInfo) -> None:
+    def __init__(
+        self,
+        model: ALBEFPretrain,
+        cfg: Config,
+        device: torch.device,
+        info: DistInfo,
+        *,
+        load_universal: bool = False,
+    ) -> None:
+        """`load_universal`: the checkpoint to resume was written by another number of ranks; `load` then
+        converts it to DeepSpeed's universal format, which repartitions the AdamW state for this run."""
         try:
             import deepspeed
         except ImportError as e:  # pragma: no cover - deepspeed is in requirements.txt
@@ -143,7 +178,11 @@ class DeepSpeedEngine:
 
         self.rank, self.world_size = info.rank, info.world_size
         self.device = device
+        self._votes: collections.deque = collections.deque()
         ds_cfg = build_ds_config(cfg, world_size=info.world_size)
+        self.load_universal = load_universal
+        if load_universal:
+            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
         self.input_dtype = (
             torch.bfloat16
             if ds_cfg["bf16"]["enabled"]
@@ -186,6 +225,24 @@ class DeepSpeedEngine:
         """Elements of AdamW state held by this rank (ZeRO-2 partitions them across ranks)."""
         return _state_numel(self.engine.optimizer.optimizer)  # the torch AdamW inside ZeRO's wrapper
 
+    def optimizer_state_abs_sum(self) -> float:
+        return _state_abs_sum(self.engine.optimizer.optimizer)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict with every parameter taken from ZeRO's fp32 master copy (gathered from all ranks'
+        partitions: a collective, call it on every rank), so a bf16 run saves its fp32 weights rather than
+        upcast bf16 ones; buffers (already fp32) as they are."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        sd = self.module.state_dict()
+        full: dict[int, torch.Tensor] = {}
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            if id(p) not in full:
+                t = safe_get_full_fp32_param(p)
+                full[id(p)] = p.detach().float() if t is None else t
+            sd[name] = full[id(p)]
+        return _cpu_fp32(sd)
+
     def save(self, root: Path, tag: str, client: dict) -> None:
         """DeepSpeed's checkpoint (module state with buffers, partitioned optimizer states) + client state.
 
@@ -195,37 +252,126 @@ class DeepSpeedEngine:
     def load(self, root: Path, tag: str) -> dict:
         if not (root / tag).is_dir():
             raise FileNotFoundError(f"checkpoint folder {root / tag} does not exist")
+        if self.load_universal:
+            return self._load_universal(root, tag)
         from deepspeed.runtime.zero.utils import ZeRORuntimeException
 
         try:
             path, client = self.engine.load_checkpoint(str(root), tag=tag)
         except ZeRORuntimeException as e:
-            # A plain ZeRO-2 checkpoint cannot repartition AdamW state for another rank count (DeepSpeed's
-            # universal-checkpoint conversion can; not wired in yet). Weights, momentum encoders and queues
-            # (module state) still load; the optimizer moments restart.
+            # Another rank count without the universal path (a checkpoint without albef_ds.json, so the
+            # trainer could not know in advance): the module state (weights, momentum encoders, queues)
+            # still loads; the AdamW moments restart.
             log.warning("%s -- loading the module state only: AdamW moments restart from zero", e)
             path, client = self.engine.load_checkpoint(
                 str(root), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False
             )
+        return self._client(root / tag, path, client)
+
+    @staticmethod
+    def _client(folder: Path, path, client) -> dict:
         if path is None or "albef_ds" not in (client or {}):
-            raise ValueError(
-                f"{root / tag} is not an albef-ds DeepSpeed checkpoint (no albef_ds client state)"
-            )
+            raise ValueError(f"{folder} is not an albef-ds DeepSpeed checkpoint (no albef_ds client state)")
         return client["albef_ds"]
+
+    def _load_universal(self, root: Path, tag: str) -> dict:
+        """Resume on another rank count: rank 0 converts root/tag into root/universal/tag (once; DeepSpeed's
+        ds_to_universal with --inject_missing_state, since our checkpoints carry no universal-checkpoint
+        info), every rank loads its new partition of the fp32 weights and AdamW moments from it, and the
+        buffers (momentum encoders, queues, pointer), which a universal load leaves alone, come from the
+        original checkpoint's module state."""
+        import torch.distributed as dist
+
+        uroot = root / "universal"
+        if self.rank == 0 and not (uroot / tag / "zero").is_dir():
+            convert_to_universal(root / tag, uroot / tag)
+        dist.barrier()
+        path, client = self.engine.load_checkpoint(str(uroot), tag=tag)
+        client = self._client(uroot / tag, path, client)
+        states = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        module_state = states["module"]
+        with torch.no_grad():
+            for name, buf in self.module.named_buffers():
+                if name not in module_state:
+                    raise ValueError(f"{root / tag}: the module state has no buffer {name!r}")
+                buf.copy_(module_state[name].to(buf.dtype))
+        log.info(
+            "loaded the universal checkpoint %s (AdamW state repartitioned over %d ranks)",
+            uroot / tag,
+            self.world_size,
+        )
+        return client
 
     def barrier(self) -> None:
         import torch.distributed as dist
 
         dist.barrier()
 
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on any (ranks must stop at the same step)."""
+    def stop_vote(self, flag: bool) -> bool:
+        """Whether any rank asked to stop, agreed by all ranks without stalling the step.
+
+        Each call starts an asynchronous MAX all-reduce of this rank's flag and returns the outcome of the
+        vote from STOP_VOTE_LAG calls earlier, so every rank stops after the same step, at most that many
+        steps after a signal. On a GPU the result travels to pinned host memory behind a CUDA event, so
+        reading it waits for that old collective only, never for the steps queued since (no per-step sync);
+        on the CPU (gloo) the old request has long finished.
+        """
         import torch.distributed as dist
 
-        # On the group's device: NCCL reduces only CUDA tensors (gloo takes the CPU one).
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # 4 bytes; .item() below is one sync per step
-        return bool(t.item())
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
+        if self.device.type == "cuda":
+            work.wait()  # orders the current stream after the collective; does not block the host
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._votes.append((None, host, event))
+        else:
+            self._votes.append((work, t, None))
+        if len(self._votes) <= STOP_VOTE_LAG:
+            return False
+        return self._read_vote(*self._votes.popleft())
+
+    @staticmethod
+    def _read_vote(work, value: torch.Tensor, event) -> bool:
+        if work is not None:
+            work.wait()
+        if event is not None:
+            event.synchronize()
+        return bool(value.item())
+
+    def drain(self) -> None:
+        """Finish the votes still in flight (before other collectives and at the end of a run)."""
+        while self._votes:
+            self._read_vote(*self._votes.popleft())
+
+
+def convert_to_universal(src: Path, dst: Path) -> Path:
+    """DeepSpeed's ds_to_universal (--inject_missing_state) from checkpoint folder `src` into `dst`, written
+    to a temporary folder first and renamed, so an interrupted conversion is redone rather than half-used."""
+    import argparse
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(
+        input_folder=str(src),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    log.info("converting %s to a universal checkpoint in %s", src, dst)
+    ds_to_universal.main(args)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return dst
 
 
 def init_distributed(info: DistInfo, device: torch.device) -> None:

@@ -23,9 +23,19 @@ from ..data import RetrievalEvalSet, TextTokenizer, build_pretrain_loader
 from ..eval.retrieval import itc_retrieval
 from ..model import ALBEFPretrain
 from ..model.weights import OUR_FORMAT, load_pretrained
-from .checkpoint import atomic_torch_save, publish, read_latest, rng_state, set_rng_state, step_tag
+from .checkpoint import (
+    atomic_torch_save,
+    publish,
+    read_client,
+    read_latest,
+    rng_state,
+    set_rng_state,
+    step_tag,
+    write_client,
+)
 from .dist_env import DistInfo, world_info_from_env
 from .ds_config import build_ds_config, global_batch, scaled_lr
+from .monitor import Monitor, peak_memory_gb
 from .schedule import alpha_at, lr_at
 
 log = logging.getLogger(__name__)
@@ -76,13 +86,12 @@ def build_model(cfg: Config, tokenizer: TextTokenizer, **kwargs) -> ALBEFPretrai
     return model
 
 
-def save_checkpoint(path: str | Path, model: ALBEFPretrain, cfg: Config, **state) -> Path:
+def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], cfg: Config, **state) -> Path:
     """Consolidated fp32 weights (+ config) for evaluation; atomic (temp file, fsync, rename)."""
     payload = {
         "albef_ds_format": OUR_FORMAT,
         "model": {
-            k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-            for k, v in model.state_dict().items()
+            k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state_dict.items()
         },
         "config": config_to_dict(cfg),
         **state,
@@ -133,6 +142,7 @@ def write_rank_report(out_dir: Path, rank: int, model: ALBEFPretrain, engine, se
         "steps": steps,
         "trainable_params": sum(p.numel() for p in model.parameters()),
         "optimizer_state_numel": engine.optimizer_state_numel(),
+        "optimizer_state_abs_sum": engine.optimizer_state_abs_sum(),
         "momentum_sha256": _sha256(moms),
         "queue_sha256": _sha256([model.image_queue, model.text_queue]),
         "queue_ptr": int(model.queue_ptr.item()),
@@ -141,18 +151,6 @@ def write_rank_report(out_dir: Path, rank: int, model: ALBEFPretrain, engine, se
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
     return report
-
-
-class _MetricsFile:
-    """JSON lines under the run folder (rank 0 only)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def _batches(loader, sampler, start_epoch: int = 0, start_batch: int = 0):
@@ -179,11 +177,13 @@ def _resume_tag(resume: str, root: Path) -> str | None:
     return tag
 
 
-def _make_engine(cfg: Config, model: ALBEFPretrain, device: torch.device, info: DistInfo):
+def _make_engine(
+    cfg: Config, model: ALBEFPretrain, device: torch.device, info: DistInfo, *, load_universal: bool = False
+):
     if cfg.train.engine == "deepspeed":
         from .engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, cfg, device, info)
+        return DeepSpeedEngine(model, cfg, device, info, load_universal=load_universal)
     from .engine import TorchEngine
 
     return TorchEngine(model, cfg, device)
@@ -236,7 +236,13 @@ def pretrain(cfg: Config) -> dict:
         gather_kwargs["all_gather"] = make_all_gather(cfg.train.batch_size * accum)
     model = build_model(cfg, tokenizer, **gather_kwargs).to(device)
     log.info("ALBEF: %.2fM trainable parameters", sum(p.numel() for p in model.parameters()) / 1e6)
-    engine = _make_engine(cfg, model, device, info)
+    ckpt_root = out_dir / "checkpoints"
+    tag = _resume_tag(cfg.train.resume, ckpt_root)
+    saved = read_client(ckpt_root / tag) if tag else None
+    # A checkpoint from another rank count goes through DeepSpeed's universal format (decided before the
+    # engine exists: it is an engine setting).
+    other_ranks = saved is not None and saved["world_size"] != info.world_size
+    engine = _make_engine(cfg, model, device, info, load_universal=other_ranks)
     model = engine.module
     # Each rank draws its own augmentation and masking randomness from here on.
     seed_everything(cfg.train.seed + 1000 * info.rank)
@@ -272,12 +278,6 @@ def pretrain(cfg: Config) -> dict:
             image_size=cfg.model.vision.image_size,
             max_words=cfg.data.max_words,
         )
-    metrics_file = _MetricsFile(out_dir / "metrics.jsonl") if is_main else None
-    # Records are appended (an earlier run's are kept); each run starts with a "start" record.
-    if metrics_file:
-        metrics_file.write(
-            {"event": "start", "time": time.time(), "total_steps": total_steps, "world_size": info.world_size}
-        )
     result: dict = {"steps": 0, "world_size": info.world_size}
 
     def evaluate(tag: str) -> None:
@@ -297,20 +297,18 @@ def pretrain(cfg: Config) -> dict:
             100.0 / n_img,
         )
         result[f"retrieval_{tag}"] = r
-        metrics_file.write({"event": f"eval_{tag}", "step": result["steps"], **r})
+        monitor.eval(tag, result["steps"], r)
 
-    ckpt_root = out_dir / "checkpoints"
     start_step, start_epoch, start_batch = 0, 0, 0
     rng_to_restore = None
-    tag = _resume_tag(cfg.train.resume, ckpt_root)
     if tag:
         client = engine.load(ckpt_root, tag)
         start_step, start_epoch, start_batch = client["step"], client["epoch"], client["batches_in_epoch"]
         rng_file = ckpt_root / tag / f"rng_rank{info.rank}.pt"
         if client["world_size"] != info.world_size:
-            # Another rank count: weights, momentum encoders and queues carry over (AdamW moments too where
-            # the engine can repartition them); the epoch is re-split across the new ranks and resumes at
-            # the same fraction of it.
+            # Another rank count: weights, AdamW moments (repartitioned by the universal checkpoint),
+            # momentum encoders and queues carry over; the epoch is re-split across the new ranks and
+            # resumes at the same fraction of it.
             log.warning(
                 "resuming a %d-rank checkpoint on %d ranks: the data order and random streams differ from "
                 "an uninterrupted run",
@@ -331,6 +329,24 @@ def pretrain(cfg: Config) -> dict:
         )
         result["resumed_from"] = tag
     result["steps"] = start_step
+    # metrics.jsonl (appended: an earlier run's records are kept; each run starts with a "start" record),
+    # TensorBoard and the progress bar, on rank 0.
+    monitor = Monitor(
+        out_dir,
+        enabled=is_main,
+        tensorboard=cfg.train.tensorboard,
+        total_steps=total_steps,
+        start_step=start_step,
+    )
+    monitor.write(
+        {
+            "event": "start",
+            "time": time.time(),
+            "start_step": start_step,
+            "total_steps": total_steps,
+            "world_size": info.world_size,
+        }
+    )
 
     def save_resumable(step_done: int, epoch_now: int, batches_in_epoch: int) -> None:
         tag_now = step_tag(step_done)
@@ -344,6 +360,8 @@ def pretrain(cfg: Config) -> dict:
         }
         engine.save(ckpt_root, tag_now, client)
         atomic_torch_save(rng_state(), ckpt_root / tag_now / f"rng_rank{info.rank}.pt")
+        if is_main:
+            write_client(ckpt_root / tag_now, client)
         engine.barrier()  # every rank has written its part before `latest` moves
         if is_main:
             publish(ckpt_root, tag_now, cfg.train.keep_last)
@@ -357,14 +375,14 @@ def pretrain(cfg: Config) -> dict:
     acc = torch.zeros(4, device=device)
     acc_n = 0
     skipped = 0
-    samples_window = 0
+    samples_window = steps_window = 0
     seen: list[tuple[int, torch.Tensor]] = []  # (epoch, sample indices) this rank trained on
     t_window = t_start = time.perf_counter()
     batches = _batches(loader, sampler, start_epoch, start_batch)
     if rng_to_restore is not None:
         set_rng_state(rng_to_restore)  # after the loader exists: the run continues the saved random streams
     epoch, batches_in_epoch = start_epoch, start_batch
-    with _StopSignals() as stop:
+    with _StopSignals() as stop, monitor.redirect_logging():
         for step in range(start_step, total_steps):
             lr = lr_at(
                 step,
@@ -406,6 +424,8 @@ def pretrain(cfg: Config) -> dict:
             model.enqueue(torch.cat(feats_i), torch.cat(feats_t))
             done = step + 1
             result["steps"] = done
+            steps_window += 1
+            monitor.step()
             if done % cfg.train.log_every == 0 or done == total_steps:
                 vals = (acc / acc_n).tolist()  # the one host sync per log window
                 if not all(math.isfinite(v) for v in vals):
@@ -423,11 +443,13 @@ def pretrain(cfg: Config) -> dict:
                     "loss_mlm": vals[3],
                     "temp": float(model.clamped_temp().item()),
                     "samples_per_s": samples_window * info.world_size / dt,
+                    "step_time_s": dt / steps_window,
+                    "peak_mem_gb": peak_memory_gb(device),
                     "skipped_images": skipped,
                 }
                 result["last"] = rec
-                if metrics_file:
-                    metrics_file.write(rec)
+                monitor.train(rec)
+                if is_main:
                     eta = (time.perf_counter() - t_start) / (done - start_step) * (total_steps - done)
                     log.info(
                         "step %d/%d  loss %.3f (itc %.3f itm %.3f mlm %.3f)  lr %.2e  alpha %.2f  "
@@ -446,8 +468,11 @@ def pretrain(cfg: Config) -> dict:
                 acc.zero_()
                 acc_n = 0
                 samples_window = 0
+                steps_window = 0
                 t_window = time.perf_counter()
-            preempt = engine.any_rank(stop.received is not None or done == cfg.train.stop_at_step)
+            # The signal vote is read STOP_VOTE_LAG steps late (no per-step stall); a planned stop is known
+            # to every rank at once.
+            preempt = engine.stop_vote(stop.received is not None) or done == cfg.train.stop_at_step
             if preempt or (cfg.train.save_every > 0 and done % cfg.train.save_every == 0):
                 save_resumable(done, epoch, batches_in_epoch)
             if preempt:
@@ -458,19 +483,24 @@ def pretrain(cfg: Config) -> dict:
                 )
                 result["preempted"] = True
                 break
+    engine.drain()
+    monitor.close_bar()
     if result.get("preempted"):
         write_rank_report(out_dir, info.rank, model, engine, seen, steps=result["steps"])
+        monitor.close()
         engine.barrier()
         return result
 
     result["skipped_images"] = skipped
     write_rank_report(out_dir, info.rank, model, engine, seen, steps=result["steps"])
+    final_state = engine.full_state_dict()  # a collective under DeepSpeed: every rank takes part
     if is_main:
-        ckpt = save_checkpoint(out_dir / "checkpoint.pt", model, cfg, step=result["steps"], epoch=epoch)
+        ckpt = save_checkpoint(out_dir / "checkpoint.pt", final_state, cfg, step=result["steps"], epoch=epoch)
         log.info("saved %s (step %d, %d images skipped as undecodable)", ckpt, result["steps"], skipped)
         result["checkpoint"] = str(ckpt)
         if cfg.train.eval_at_end:
             evaluate("after")
+    monitor.close()
     engine.barrier()
     return result
 

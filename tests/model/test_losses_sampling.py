@@ -149,6 +149,32 @@ def test_queue_uses_injected_gather_once_per_enqueue():
     assert m.image_queue[2].tolist() == [101.0] * 3 and m.text_queue[3].tolist() == [102.0] * 3
 
 
+@pytest.mark.parametrize("queue_size,rows", [(8, 6), (10, 10), (7, 4), (5, 12)])
+def test_padded_gather_enqueues_exactly_the_valid_rows(queue_size, rows):
+    """A gather that marks padded rows (ranks with dropped images) fills the ring as if only the valid rows
+    had been gathered; with rows <= queue size this runs without a host sync, otherwise by selection."""
+    g = torch.Generator().manual_seed(queue_size * 100 + rows)
+    state = {}
+
+    def padded(x):
+        return x, state["valid"]
+
+    def exact(x):
+        return x[state["valid"]]
+
+    cfg = tiny_model_config(queue_size=queue_size, embed_dim=3)
+    a = ALBEFPretrain(cfg, special_tokens=SPECIAL, all_gather=padded)
+    b = ALBEFPretrain(cfg, special_tokens=SPECIAL, all_gather=exact)
+    b.load_state_dict(a.state_dict())
+    for _ in range(6):
+        state["valid"] = torch.rand(rows, generator=g) < 0.7
+        fi, ft = torch.randn(rows, 3, generator=g), torch.randn(rows, 3, generator=g)
+        a.enqueue(fi, ft)
+        b.enqueue(fi, ft)
+        assert a.queue_ptr.item() == b.queue_ptr.item()
+        assert torch.equal(a.image_queue, b.image_queue) and torch.equal(a.text_queue, b.text_queue)
+
+
 def test_momentum_is_ema_gets_no_grad_and_is_not_optimised():
     m = _model()
     names = [n for n, _ in m.named_parameters()]

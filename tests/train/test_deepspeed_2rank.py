@@ -44,6 +44,7 @@ def ds_run(tmp_path_factory):
             "train.eval_at_start=false",
             "data.num_workers=1",
             "model.queue_size=50",  # not a multiple of the global batch (32): the ring wraps
+            "train.save_every=8",  # the last step (16) leaves a DeepSpeed checkpoint to export
         ],
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
@@ -93,3 +94,75 @@ def test_ranks_see_disjoint_data_covering_each_epoch(ds_run):
     e0 = [i for e, i in r0["samples"] if e == 0]
     e1 = [i for e, i in r0["samples"] if e == 1]
     assert e0 != e1  # reshuffled per epoch
+
+
+def test_tensorboard_events_hold_every_tag(ds_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _, _ = ds_run
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    want = {
+        "loss/total",
+        "loss/itc",
+        "loss/itm",
+        "loss/mlm",
+        "train/lr",
+        "train/alpha",
+        "train/temp",
+        "perf/samples_per_s",
+        "perf/step_time_s",
+        "perf/peak_mem_gb",
+        "data/skipped_images",
+        "eval/txt_r1",
+        "eval/img_r1",
+        "eval/r_mean",
+    }
+    assert want <= tags, want - tags
+    assert [e.step for e in acc.Scalars("loss/total")] == [4, 8, 12, 16]
+    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["event"] == "train"]
+    for e, r in zip(acc.Scalars("loss/itc"), train):
+        assert e.value == pytest.approx(r["loss_itc"], rel=1e-6)  # the same numbers as metrics.jsonl
+    assert all(e.value > 0 for e in acc.Scalars("perf/peak_mem_gb"))
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 only
+
+
+def test_export_matches_zero_to_fp32_and_reproduces_the_eval(ds_run, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    run, _, _ = ds_run
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000016"
+    out = tmp_path / "albef.safetensors"
+    assert main(["export", str(run), "-o", str(out)]) == 0
+    ours = load_file(str(out))
+    # DeepSpeed's own consolidation script, shipped inside the checkpoint folder, on the same checkpoint.
+    z = subprocess.run(
+        [sys.executable, str(ckpts / "zero_to_fp32.py"), str(ckpts), str(tmp_path / "z2f")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert z.returncode == 0, z.stdout[-2000:] + z.stderr[-2000:]
+    theirs = torch.load(tmp_path / "z2f" / "pytorch_model.bin", weights_only=True)
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert torch.equal(ours[k], theirs[k].to(ours[k].dtype)), k
+    # The final consolidated checkpoint.pt (fp32 masters gathered live) holds the same weights.
+    final = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    for k in final:
+        assert torch.equal(final[k], ours[k]), k
+    # Evaluated from the exported file, a fresh model gives the live run's end-of-training numbers.
+    live = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    live = next(r for r in live if r["event"] == "eval_after")
+    capsys.readouterr()
+    assert main(["evaluate", "--config", str(run / "config.yaml"), "--checkpoint", str(out)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    for k in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
+        assert got[k] == pytest.approx(live[k], abs=1e-9), k

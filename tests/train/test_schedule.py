@@ -51,7 +51,7 @@ def test_checkpoint_is_atomic_and_loads_back(tmp_path, monkeypatch):
     cfg = load_config(None, ["model.queue_size=20"])
     cfg.model = tiny_model_config()
     m = ALBEFPretrain(cfg.model, special_tokens=SPECIAL)
-    path = save_checkpoint(tmp_path / "ckpt.pt", m, cfg, step=3)
+    path = save_checkpoint(tmp_path / "ckpt.pt", m.state_dict(), cfg, step=3)
     good = path.read_bytes()
     # A crash in the middle of the next save leaves the previous checkpoint intact and no stray file.
     with torch.no_grad():
@@ -62,7 +62,7 @@ def test_checkpoint_is_atomic_and_loads_back(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path / "ckpt.pt", m, cfg, step=4)
+        save_checkpoint(tmp_path / "ckpt.pt", m.state_dict(), cfg, step=4)
     monkeypatch.undo()
     assert path.read_bytes() == good
     assert [f.name for f in tmp_path.iterdir()] == ["ckpt.pt"]
