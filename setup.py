@@ -13,6 +13,7 @@ PACKAGES = [
     "albef_ds.data",
     "albef_ds.train",
     "albef_ds.eval",
+    "albef_ds.bench",
     "albef_ds.kernels",
     "albef_ds.launcher",
 ]

@@ -1,4 +1,5 @@
-"""`albef-ds` command line: pretrain, evaluate, data synth."""
+"""`albef-ds` command line: pretrain, evaluate (ITC; `evaluate retrieval`: ITC + ITM re-rank), finetune
+retrieval, export, data synth / synth-retrieval."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="section.key=value",
         help="config overrides applied after the file, e.g. train.max_steps=100 optim.lr=2e-4",
     )
+
+
+# Config used when --config is not given (ALBEF-base for the throughput benchmark).
+_DEFAULT_CONFIG = {"bench": "configs/pretrain_4m.yaml"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,13 +47,53 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "evaluate",
-        help="ITC image-text retrieval R@1/5/10 on data.eval_file",
+        help="ITC image-text retrieval R@1/5/10 on data.eval_file ('evaluate retrieval': + ITM re-rank)",
         description="Evaluate a checkpoint (ours or a released ALBEF one) by ITC retrieval on "
-        "data.eval_file; prints JSON.",
+        "data.eval_file; prints JSON. `albef-ds evaluate retrieval ...` (see its --help) adds the ITM "
+        "re-ranking of the top-k and runs on every rank a launcher started.",
     )
     _add_config_args(p)
     p.add_argument("--checkpoint", default="", help="checkpoint to evaluate (default: random init)")
     p.add_argument("--output", default="", help="also write the metrics JSON to this file")
+
+    # `albef-ds evaluate retrieval` (main() maps it here: a sub-command of `evaluate` would clash with
+    # evaluate's own positional overrides).
+    p = sub.add_parser(
+        "evaluate-retrieval",
+        prog="albef-ds evaluate retrieval",
+        description="Image-text retrieval with ITM re-ranking: every rank (deepspeed / torchrun / srun / "
+        "mpirun, or one process) encodes its share of the images and texts, the ITC similarities give "
+        "each image's top-k texts and each text's top-k images, and those are re-scored by the ITM head "
+        "(final score: the ITM logit inside the top-k; outside it the ITC order, below). Prints JSON with "
+        "TR/IR R@1/5/10 and r_mean (and itc_* without re-ranking); rank 0 writes --output and TensorBoard "
+        "scalars. The checkpoint may be a DeepSpeed checkpoint folder, a run folder, checkpoint.pt, an "
+        "exported .safetensors or a released ALBEF .pth; position embeddings are resampled to "
+        "model.vision.image_size.",
+    )
+    _add_config_args(p)
+    p.add_argument("--checkpoint", default="", help="weights to evaluate (default: model.albef_init)")
+    p.add_argument("--split-file", default="", help="JSON to evaluate on (default: data.eval_file)")
+    p.add_argument("--k-test", type=int, default=0, help="re-rank depth (default: eval.k_test)")
+    p.add_argument("--output", default="", help="also write the metrics JSON to this file")
+    p.add_argument(
+        "--tensorboard", default="", help="TensorBoard folder (default: <train.output_dir>/tensorboard)"
+    )
+    p.add_argument("--save-scores", default="", help="also save the score matrices (torch file)")
+    p.add_argument("--step", type=int, default=0, help="TensorBoard step of these metrics (default 0)")
+
+    p = sub.add_parser("finetune", help="fine-tuning tasks", description="Fine-tuning tasks.")
+    fsub = p.add_subparsers(dest="finetune_command", required=True, metavar="TASK")
+    f = fsub.add_parser(
+        "retrieval",
+        help="image-text retrieval fine-tuning (COCO / Flickr30K Karpathy splits)",
+        description="Fine-tune for image-text retrieval from model.albef_init (any checkpoint or a "
+        "released ALBEF file; position embeddings resampled to model.vision.image_size): ITC with "
+        "same-image-id positives and momentum distillation, ITM with hard negatives excluding same-id "
+        "items. Validates every finetune.eval_every epochs (ITC top-k + ITM re-rank), keeps the best "
+        "val r_mean in checkpoint_best.pt and evaluates the test split with it at the end (results.json). "
+        "train.engine=torch (one process) or deepspeed (ZeRO-2, any number of ranks).",
+    )
+    _add_config_args(f)
 
     p = sub.add_parser(
         "export",
@@ -61,6 +106,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="checkpoint folder, run folder or checkpoint.pt")
     p.add_argument("--output", "-o", required=True, help="output file (.safetensors)")
 
+    p = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
+    b = bsub.add_parser(
+        "throughput",
+        help="samples/s, step breakdown, peak memory and MFU of the pre-training step",
+        description="Time the real pre-training step (the configured engine; run it under a launcher for "
+        "several ranks) on synthetic batches: samples/s, a per-section breakdown, peak memory and MFU from "
+        "the analytic FLOP count. --recipe both adds the reference implementation's execution choices (fp32, "
+        "per-tensor EMA loop, looped hard negatives, full-sequence MLM head, unfused ITC) in the same run. "
+        "Writes JSON + a PNG breakdown.",
+    )
+    _add_config_args(b)
+    b.add_argument("--recipe", choices=["ours", "reference", "both"], default="both")
+    b.add_argument(
+        "--engine",
+        choices=["deepspeed", "torch"],
+        default="deepspeed",
+        help="training engine (default deepspeed)",
+    )
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    b.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
+    b.add_argument("--out", default="benchmarks/results/throughput.json", help="JSON output (PNG beside it)")
+    b.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: known GPUs)")
+    b.add_argument("--tensorboard", action="store_true", help="also write the numbers as TensorBoard scalars")
+    b.add_argument("--profile", action="store_true", help="also write a torch profiler trace (.trace.json)")
+
     p = sub.add_parser("data", help="data utilities", description="Data utilities.")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     s = dsub.add_parser(
@@ -72,23 +143,77 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_args(s)
     s.add_argument("--force", action="store_true", help="regenerate even if a complete set exists")
+    s = dsub.add_parser(
+        "synth-retrieval",
+        help="the synthetic set in the Karpathy retrieval layout (finetune.*_file)",
+        description="Generate the synthetic set if absent (data.synth.*), then write it in the Karpathy "
+        "layout: finetune.train_file[0] (one entry per caption, with image_id), finetune.val_file and "
+        "finetune.test_file (the held-out images split in two, caption lists).",
+    )
+    _add_config_args(s)
+
+    from .launcher.cli import add_launch_parser
+
+    add_launch_parser(sub)  # launch slurm
     return ap
 
 
+def _map_evaluate_retrieval(argv: list[str]) -> list[str]:
+    """`evaluate retrieval ...` -> the `evaluate-retrieval` parser (global options may come first)."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 1 if "=" in argv[i] or argv[i] in ("-h", "--help") else 2  # --log-level VALUE
+    if argv[i : i + 2] == ["evaluate", "retrieval"]:
+        return [*argv[:i], "evaluate-retrieval", *argv[i + 2 :]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _map_evaluate_retrieval(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if args.command == "launch":
+        from .launcher.cli import run_launch
+
+        return run_launch(args)
     try:
         if args.command == "export":
             from .train.export import export_weights
 
             print(json.dumps(export_weights(args.source, args.output), indent=2))
             return 0
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config or _DEFAULT_CONFIG.get(args.command, None), args.overrides)
+        if args.command == "bench" and args.bench_command == "throughput":
+            from pathlib import Path
+
+            from .bench.throughput import bench_throughput
+
+            cfg.train.engine = args.engine
+            res = bench_throughput(
+                cfg,
+                config_name=Path(args.config or _DEFAULT_CONFIG["bench"]).stem,
+                recipes=["ours", "reference"] if args.recipe == "both" else [args.recipe],
+                warmup=args.warmup,
+                steps=args.steps,
+                out=Path(args.out),
+                peak_tflops=args.peak_tflops,
+                tensorboard=args.tensorboard,
+                profile=args.profile,
+            )
+            for r in res["recipes"]:
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no known peak)"
+                per_dev, step_ms = r["samples_per_s_per_device"], 1000 * r["step_time_s"]
+                print(
+                    f"{r['recipe']:>9}: {r['samples_per_s']:.2f} samples/s ({per_dev:.2f} per device), "
+                    f"step {step_ms:.1f} ms, peak memory {r['peak_mem_gb']:.2f} GB, MFU {mfu}"
+                )
+            if "speedup_vs_reference" in res:
+                print(f"ours / reference: {res['speedup_vs_reference']:.2f}x samples/s")
+            return 0
         if args.command == "pretrain":
             from .train.loop import EXIT_PREEMPTED, pretrain
 
@@ -112,6 +237,49 @@ def main(argv: list[str] | None = None) -> int:
             if args.output:
                 with open(args.output, "w") as f:
                     f.write(text + "\n")
+        elif args.command == "evaluate-retrieval":
+            from .eval.run import evaluate_retrieval_checkpoint
+
+            metrics = evaluate_retrieval_checkpoint(
+                cfg,
+                args.checkpoint,
+                split_file=args.split_file,
+                k_test=args.k_test,
+                output=args.output,
+                tensorboard=args.tensorboard,
+                save_scores=args.save_scores,
+                step=args.step,
+            )
+            from .train.dist_env import world_info_from_env
+
+            if world_info_from_env().rank == 0:
+                print(json.dumps(metrics, indent=2))
+        elif args.command == "finetune" and args.finetune_command == "retrieval":
+            from .train.finetune import finetune_retrieval
+
+            result = finetune_retrieval(cfg)
+            from .train.dist_env import world_info_from_env
+
+            if "test" in result and world_info_from_env().rank == 0:
+                t = result["test"]
+                print(
+                    f"retrieval fine-tuning: best epoch {result['best_epoch']}, test TR R@1 "
+                    f"{t['txt_r1']:.2f} IR R@1 {t['img_r1']:.2f} r_mean {t['r_mean']:.2f}"
+                )
+        elif args.command == "data" and args.data_command == "synth-retrieval":
+            from .data.karpathy import write_synthetic_karpathy
+            from .data.synth import generate_synthetic
+
+            f = cfg.finetune
+            if not (f.train_file and f.val_file and f.test_file):
+                raise ConfigError(
+                    "data synth-retrieval writes finetune.train_file, val_file and test_file: set all three"
+                )
+            synth = generate_synthetic(cfg.data.synth)
+            out = write_synthetic_karpathy(
+                synth, f.train_file[0], f.val_file, f.test_file, num_val=f.synth_num_val
+            )
+            print(json.dumps(out, indent=2))
         elif args.command == "data" and args.data_command == "synth":
             from .data.synth import generate_synthetic, synthetic_ready
 

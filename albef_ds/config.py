@@ -145,8 +145,23 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 128
-    k_test: int = 128  # ITM re-rank depth (used by the retrieval issue)
+    batch_size: int = 128  # images / texts per encoder batch (each rank encodes only its share)
+    k_test: int = 128  # ITM re-rank depth: top-k texts per image and images per text (COCO 256, Flickr 128)
+    itm_batch_size: int = 256  # image-text pairs per fusion pass when re-ranking (rounded to whole queries)
+
+
+@dataclass
+class FinetuneConfig:
+    """Retrieval fine-tuning on Karpathy-split JSON files (train: image, caption, image_id; val/test: image,
+    caption list). The starting weights come from model.albef_init (a file, a checkpoint or run folder)."""
+
+    train_file: list[str] = field(default_factory=list)  # Karpathy train JSON(s): one entry per caption
+    val_file: str = ""  # validation JSON (picks the best epoch by r_mean); "" = keep the last epoch
+    test_file: str = ""  # test JSON, evaluated with the best weights at the end; "" = none
+    image_root: str = ""  # prefix for relative image paths; "" = relative to each JSON file's folder
+    eval_every: int = 1  # validate every N epochs (and after the last)
+    synth_num_val: int = 0  # `albef-ds data synth-retrieval`: held-out images for val (the rest are test);
+    #                         0 = half of them
 
 
 @dataclass
@@ -157,6 +172,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
         """Cross-field checks; every message names the fields involved."""
@@ -217,6 +233,13 @@ class Config:
             raise ConfigError(f"optim.lr_ref_batch must be >= 0, got {self.optim.lr_ref_batch}")
         if not 0.0 <= self.loss.alpha <= 1.0:
             raise ConfigError(f"loss.alpha must lie in [0, 1], got {self.loss.alpha}")
+        if self.eval.k_test < 1 or self.eval.batch_size < 1 or self.eval.itm_batch_size < 1:
+            raise ConfigError(
+                f"eval.k_test ({self.eval.k_test}), eval.batch_size ({self.eval.batch_size}) and "
+                f"eval.itm_batch_size ({self.eval.itm_batch_size}) must be >= 1"
+            )
+        if self.finetune.eval_every < 1:
+            raise ConfigError(f"finetune.eval_every must be >= 1, got {self.finetune.eval_every}")
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -1,1 +1,1 @@
-"""SLURM launch: sbatch templates and the code that renders and submits them (filled by the SLURM issue)."""
+"""SLURM launch: `albef-ds launch slurm` checks a request, renders the sbatch template and submits it."""

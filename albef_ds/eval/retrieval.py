@@ -12,7 +12,11 @@ log = logging.getLogger(__name__)
 
 
 def retrieval_metrics(
-    scores_i2t: torch.Tensor, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]
+    scores_i2t: torch.Tensor,
+    img2txt: Sequence[Sequence[int]],
+    txt2img: Sequence[int],
+    *,
+    scores_t2i: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """TR/IR R@1/5/10 (percent) and r_mean from an (N_img, N_txt) score matrix.
 
@@ -20,6 +24,8 @@ def retrieval_metrics(
     Image retrieval: a text scores a hit at k when its image is within its top k images.
     Ties count against the query: a candidate is ranked ahead of the ground truth when its score is >= the
     best ground-truth score, so a constant score matrix gives chance-level (not perfect) recall.
+    scores_t2i: (N_txt, N_img) scores for image retrieval when they differ from scores_i2t^T (ITM
+    re-ranking scores each direction's own top-k); default scores_i2t^T.
     """
     s = scores_i2t.float()
     n_img, n_txt = s.shape
@@ -27,6 +33,8 @@ def retrieval_metrics(
         raise ValueError(
             f"scores are {n_img}x{n_txt} but img2txt has {len(img2txt)} and txt2img {len(txt2img)} entries"
         )
+    if scores_t2i is not None and tuple(scores_t2i.shape) != (n_txt, n_img):
+        raise ValueError(f"scores_t2i must be {n_txt}x{n_img}, got {tuple(scores_t2i.shape)}")
     gt = torch.zeros(n_img, n_txt, dtype=torch.bool)
     for i, txts in enumerate(img2txt):
         gt[i, list(txts)] = True
@@ -39,7 +47,7 @@ def retrieval_metrics(
     best_gt_t = torch.where(gt, s, neg_inf).max(dim=1).values  # (N_img,)
     tr_rank = (torch.where(gt, neg_inf, s) >= best_gt_t[:, None]).sum(dim=1)
     # IR: rank of the text's image among all images.
-    s_t2i = s.t()  # (N_txt, N_img)
+    s_t2i = s.t() if scores_t2i is None else scores_t2i.float()  # (N_txt, N_img)
     own = torch.tensor(list(txt2img))
     gt_score = s_t2i[torch.arange(n_txt), own]
     others = s_t2i.clone()

@@ -23,7 +23,14 @@ from torch import nn
 from .. import kernels
 from ..config import ModelConfig
 from .bert import BertMLM
-from .losses import itm_loss, mask_tokens, mlm_capacity, sample_hard_negatives, select_scored_positions
+from .losses import (
+    itm_loss,
+    mask_tokens,
+    mlm_capacity,
+    sample_hard_negatives,
+    sample_hard_negatives_looped,
+    select_scored_positions,
+)
 from .vit import build_vit
 
 # An all_gather returns the gathered rows, or (rows, valid) when ranks may hold fewer rows than the padded
@@ -104,6 +111,13 @@ class ALBEFPretrain(nn.Module):
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.queue_size, d, generator=gen), dim=1))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.queue_size, d, generator=gen), dim=1))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # Execution choices, not model state (`albef-ds bench throughput` sets them):
+        # recipe "reference" reruns the reference implementation's choices with the same model: a per-tensor
+        # EMA loop, hard negatives drawn row by row with torch.multinomial, the MLM vocabulary head over
+        # every position, the unfused ITC. timer: an object whose section(name) context manager times the
+        # parts of a step (None: no timing).
+        self.recipe = "ours"
+        self.timer = None
 
     # ------------------------------------------------------------------ momentum
     def momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -130,7 +144,15 @@ class ALBEFPretrain(nn.Module):
     def momentum_update(self) -> None:
         """One EMA step over every momentum tensor; call once per optimizer step, before the forward."""
         moms, onlines = self.momentum_pairs()
+        if self.recipe == "reference":
+            m = self.cfg.momentum
+            for pm, p in zip(moms, onlines):  # one small kernel sequence per tensor, as the reference does
+                pm.copy_(pm * m + p.detach().to(pm.dtype) * (1.0 - m))
+            return
         kernels.ema_update(moms, onlines, self.cfg.momentum)
+
+    def _section(self, name: str):
+        return self.timer.section(name) if self.timer is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ queue
     @torch.no_grad()
@@ -231,36 +253,51 @@ class ALBEFPretrain(nn.Module):
         if b < 2:
             raise ValueError("ALBEF pre-training needs at least 2 samples per batch (ITM negatives)")
         temp = self.clamped_temp()
+        ref = self.recipe == "reference"
 
-        image_embeds, image_feat = self.encode_image(image)
-        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+        with self._section("online_forward"):
+            image_embeds, image_feat = self.encode_image(image)
+            text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
 
-        with torch.no_grad(), self._momentum_precision(image):
+        with torch.no_grad(), self._momentum_precision(image), self._section("momentum_forward"):
             image_embeds_m, image_feat_m = self.encode_image(image, momentum=True)
             _, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)
             image_bank = torch.cat([image_feat_m.to(self.image_queue.dtype), self.image_queue], dim=0)
             text_bank = torch.cat([text_feat_m.to(self.text_queue.dtype), self.text_queue], dim=0)
 
         # ---- ITC with momentum distillation over [batch; queue]
-        loss_itc = kernels.itc_loss(
-            image_feat, text_feat, image_feat_m, text_feat_m, image_bank, text_bank, temp, alpha
-        )
+        with self._section("itc"):
+            itc = kernels.itc_loss_reference if ref else kernels.itc_loss
+            loss_itc = itc(
+                image_feat, text_feat, image_feat_m, text_feat_m, image_bank, text_bank, temp, alpha
+            )
 
         # ---- ITM with in-batch hard negatives (weights = softmax of the in-batch ITC similarities)
-        with torch.no_grad():
-            t = temp.detach().float()
-            sim_i2t = image_feat.float() @ text_feat_m.float().t() / t  # (B, B)
-            sim_t2i = text_feat.float() @ image_feat_m.float().t() / t
-            neg_image = sample_hard_negatives(sim_t2i)  # a negative image for each text
-            neg_text = sample_hard_negatives(sim_i2t)  # a negative text for each image
-        # 3B pairs in one fusion pass: [positives; (text, negative image); (negative text, image)]
-        text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]], dim=0)
-        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]], dim=0)
-        image_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds], dim=0)
-        fused_cls = self.text_encoder.bert.fuse(text_all, mask_all, image_all)[:, 0]
-        loss_itm = itm_loss(self.itm_head(fused_cls), b)
+        with self._section("itm"):
+            with torch.no_grad():
+                t = temp.detach().float()
+                sim_i2t = image_feat.float() @ text_feat_m.float().t() / t  # (B, B)
+                sim_t2i = text_feat.float() @ image_feat_m.float().t() / t
+                draw = sample_hard_negatives_looped if ref else sample_hard_negatives
+                neg_image = draw(sim_t2i)  # a negative image for each text
+                neg_text = draw(sim_i2t)  # a negative text for each image
+            # 3B pairs in one fusion pass: [positives; (text, negative image); (negative text, image)]
+            text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]], dim=0)
+            mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]], dim=0)
+            image_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds], dim=0)
+            fused_cls = self.text_encoder.bert.fuse(text_all, mask_all, image_all)[:, 0]
+            loss_itm = itm_loss(self.itm_head(fused_cls), b)
 
-        # ---- MLM with momentum distillation; the vocabulary head runs on the masked positions only
+        with self._section("mlm"):
+            loss_mlm = self._mlm(input_ids, attention_mask, image, image_embeds, image_embeds_m, alpha, ref)
+
+        w_itc, w_itm, w_mlm = self.loss_weights
+        loss = w_itc * loss_itc + w_itm * loss_itm + w_mlm * loss_mlm
+        return PretrainOutput(loss, loss_itc, loss_itm, loss_mlm, image_feat_m, text_feat_m)
+
+    def _mlm(self, input_ids, attention_mask, image, image_embeds, image_embeds_m, alpha, ref: bool):
+        """MLM with momentum distillation; the vocabulary head runs on the masked positions only (on all of
+        them in the reference recipe)."""
         st = self.special_tokens
         masked_ids, labels = mask_tokens(
             input_ids,
@@ -270,17 +307,19 @@ class ALBEFPretrain(nn.Module):
             cls_token_id=st["cls"],
             probability=self.cfg.mlm_probability,
         )
+        states = self.text_encoder.bert(masked_ids, attention_mask, image_embeds)  # (B, L, H)
+        with torch.no_grad(), self._momentum_precision(image):
+            states_m = self.text_encoder_m.bert(masked_ids, attention_mask, image_embeds_m)
+        if ref:
+            logits = self.text_encoder.cls(states.flatten(0, 1))  # (B x L, V)
+            with torch.no_grad(), self._momentum_precision(image):
+                soft = F.softmax(self.text_encoder_m.cls(states_m.flatten(0, 1)).float(), dim=-1)
+            return kernels.mlm_loss_reference(logits, labels.flatten(), soft, alpha)
         index, sel_labels = select_scored_positions(
             labels, mlm_capacity(labels.numel(), self.cfg.mlm_probability)
         )
-        states = self.text_encoder.bert(masked_ids, attention_mask, image_embeds)  # (B, L, H)
         logits = self.text_encoder.cls(states.flatten(0, 1).index_select(0, index))  # (K, V)
         with torch.no_grad(), self._momentum_precision(image):
-            states_m = self.text_encoder_m.bert(masked_ids, attention_mask, image_embeds_m)
             logits_m = self.text_encoder_m.cls(states_m.flatten(0, 1).index_select(0, index))
             soft = F.softmax(logits_m.float(), dim=-1)
-        loss_mlm = kernels.mlm_loss(logits, sel_labels, soft, alpha)
-
-        w_itc, w_itm, w_mlm = self.loss_weights
-        loss = w_itc * loss_itc + w_itm * loss_itm + w_mlm * loss_mlm
-        return PretrainOutput(loss, loss_itc, loss_itm, loss_mlm, image_feat_m, text_feat_m)
+        return kernels.mlm_loss(logits, sel_labels, soft, alpha)

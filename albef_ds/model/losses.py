@@ -32,6 +32,19 @@ def sample_hard_negatives(sim: torch.Tensor, generator: torch.Generator | None =
     return (logits + gumbel).argmax(dim=1)
 
 
+def sample_hard_negatives_looped(sim: torch.Tensor) -> torch.Tensor:
+    """The reference's way of drawing hard negatives, kept for the side-by-side benchmark only: softmax, a
+    small floor, the diagonal zeroed, then one torch.multinomial and one `.item()` (a host sync) per row.
+    Same distribution as `sample_hard_negatives` up to the floor. Returns LongTensor (B,)."""
+    b = sim.shape[0]
+    if b < 2:
+        raise ValueError("hard-negative sampling needs a batch of at least 2")
+    weights = F.softmax(sim.detach().float(), dim=1) + 1e-5
+    weights.fill_diagonal_(0)
+    picks = [int(torch.multinomial(weights[i], 1).item()) for i in range(b)]
+    return torch.tensor(picks, dtype=torch.long, device=sim.device)
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     *,

@@ -58,7 +58,14 @@ class TorchEngine:
         return self.module(image, input_ids, attention_mask, alpha=alpha)
 
     def micro_step(self, loss: torch.Tensor, *, last: bool) -> None:
+        self.backward(loss)
+        self.step(last=last)
+
+    def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum).backward()
+
+    def step(self, *, last: bool) -> None:
+        """The optimizer step at the end of an accumulation window (nothing before it)."""
         if last:
             if self.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
@@ -218,8 +225,14 @@ class DeepSpeedEngine:
 
     def micro_step(self, loss: torch.Tensor, *, last: bool) -> None:
         # DeepSpeed scales by 1/accumulation itself and applies the optimizer at the boundary only.
-        self.engine.backward(loss)
-        self.engine.step()
+        self.backward(loss)
+        self.step(last=last)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # ZeRO-2 reduces gradient buckets (all_reduce in 0.19.8) as they fill
+
+    def step(self, *, last: bool) -> None:
+        self.engine.step()  # DeepSpeed knows the accumulation boundary itself
 
     def optimizer_state_numel(self) -> int:
         """Elements of AdamW state held by this rank (ZeRO-2 partitions them across ranks)."""

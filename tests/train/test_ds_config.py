@@ -19,7 +19,13 @@ def _cfg(*ov):
 
 
 @pytest.mark.parametrize(
-    "name,precision", [("zero2_bf16.json", "bf16"), ("zero2_fp16.json", "fp16"), ("zero2_cpu.json", "fp32")]
+    "name,precision",
+    [
+        ("zero2_bf16.json", "bf16"),
+        ("zero2_fp16.json", "fp16"),
+        ("zero2_cpu.json", "fp32"),
+        ("zero2_fp32.json", "fp32"),
+    ],
 )
 def test_shipped_ds_configs_fill_from_the_experiment_config(name, precision):
     cfg = _cfg("train.grad_accum=2", "optim.grad_clip=0.0")

@@ -1,0 +1,358 @@
+"""`albef-ds bench throughput`: the real pre-training step, timed, with a breakdown, MFU and a baseline.
+
+For each recipe ("ours" and, with `--recipe both`, "reference" in the same run) it builds the model and the
+configured engine (DeepSpeed ZeRO-2 or torch), runs W warm-up and N timed optimizer steps, and reports:
+samples/s (global and per device), step time and where it goes, peak memory, and MFU from the analytic FLOP
+count (`albef_ds.bench.flops`). The reference recipe reruns the reference implementation's execution choices
+with the same model: fp32, a per-tensor EMA loop, hard negatives drawn row by row (a host sync each), the MLM
+vocabulary head over every position and the unfused ITC; its MFU counts the same model FLOPs as ours (the
+useful work), so MFU and samples/s give the same ratio.
+
+Step sections (seconds per step, summed over ranks' own clocks; on a GPU CUDA events, read once at the end):
+    data             waiting for the next batch (0 with synthetic data already on the device)
+    ema              momentum EMA over every momentum tensor
+    online_forward   ViT + text encoder of the online model
+    momentum_forward ViT_m + text encoder_m (ITC targets, queue features)
+    itc              ITC loss with momentum distillation over [batch; queue]
+    itm              hard-negative draw + fusion over 3B pairs + ITM head
+    mlm              masking + BERT + vocabulary head, online and momentum
+    backward         backward (with ZeRO-2's gradient reduce-scatter on several ranks)
+    optimizer        optimizer step (with ZeRO-2's parameter all-gather)
+    queue_gather     the queue's all-gather + ring write
+    other            the rest of the step (the loss sum, Python overhead)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError, config_to_dict
+from ..model import ALBEFPretrain
+from ..train.dist_env import world_info_from_env
+from ..train.monitor import peak_memory_gb
+from .flops import step_flops
+
+log = logging.getLogger(__name__)
+
+SECTIONS = (
+    "data",
+    "ema",
+    "online_forward",
+    "momentum_forward",
+    "itc",
+    "itm",
+    "mlm",
+    "backward",
+    "optimizer",
+    "queue_gather",
+)
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device name; --peak-tflops overrides. The CPU has no entry.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "V100": 125e12}
+
+FP32_DS_CONFIG = "ds_configs/zero2_fp32.json"
+
+
+class SectionTimer:
+    """Times named parts of a step: wall clock on the CPU, CUDA events on a GPU (read once, at `collect`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.totals: dict[str, float] = defaultdict(float)
+        self._events: list = []
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self._events.clear()
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.totals[name] += time.perf_counter() - t0
+
+    def collect(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            for name, start, end in self._events:
+                self.totals[name] += start.elapsed_time(end) / 1000.0
+            self._events.clear()
+        return dict(self.totals)
+
+
+def device_peak_flops(device: torch.device, override_tflops: float = 0.0) -> tuple[float | None, str]:
+    if override_tflops > 0:
+        return override_tflops * 1e12, "given (--peak-tflops)"
+    if device.type != "cuda":
+        return None, "no known peak for a CPU: pass --peak-tflops for an MFU"
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16.items():
+        if key in name:
+            return peak, f"{key} dense bf16"
+    return None, f"no known peak for {name}: pass --peak-tflops"
+
+
+def _synthetic_batches(cfg: Config, batch: int, device: torch.device, n: int = 4) -> list[dict]:
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    s, length, vocab = cfg.model.vision.image_size, cfg.data.max_tokens, cfg.model.text.vocab_size
+    out = []
+    for _ in range(n):
+        ids = torch.randint(5, vocab, (batch, length), generator=g)
+        ids[:, 0] = 2  # [CLS]
+        out.append(
+            {
+                "image": torch.randn(batch, 3, s, s, generator=g).to(device),
+                "input_ids": ids.to(device),
+                "attention_mask": torch.ones_like(ids).to(device),
+            }
+        )
+    return out
+
+
+def _recipe_config(cfg: Config, recipe: str) -> Config:
+    c = copy.deepcopy(cfg)
+    c.train.grad_accum = 1
+    c.train.global_batch_size = 0
+    if recipe == "reference":  # the reference trains in fp32
+        c.train.precision = "fp32"
+        if c.train.engine == "deepspeed":
+            c.train.ds_config = FP32_DS_CONFIG
+    return c
+
+
+def run_recipe(cfg: Config, recipe: str, *, warmup: int, steps: int, device: torch.device, info) -> dict:
+    """Build, warm up and time one recipe; returns its measurements (every rank; rank 0 reports)."""
+    from ..train.engine import DeepSpeedEngine, TorchEngine, make_all_gather
+    from ..train.loop import seed_everything
+
+    c = _recipe_config(cfg, recipe)
+    batch = c.train.batch_size
+    seed_everything(c.train.seed)
+    kw = {"all_gather": make_all_gather(batch)} if info.world_size > 1 else {}
+    model = ALBEFPretrain(c.model, special_tokens={"pad": 0, "cls": 2, "mask": 4}, **kw).to(device)
+    model.recipe = recipe
+    if c.train.engine == "deepspeed":
+        engine = DeepSpeedEngine(model, c, device, info)
+    else:
+        engine = TorchEngine(model, c, device)
+    model = engine.module
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    engine.set_lr(c.optim.warmup_lr)
+    data = _synthetic_batches(c, batch, device)
+    timer = SectionTimer(device)
+    model.timer = timer
+    losses = []
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            engine.barrier()
+            timer.reset()
+            t0 = time.perf_counter()
+        with timer.section("data"):
+            b = data[i % len(data)]
+        with timer.section("ema"):
+            model.momentum_update()
+        out = engine.forward(b["image"], b["input_ids"], b["attention_mask"], alpha=0.4)
+        with timer.section("backward"):
+            engine.backward(out.loss)
+        with timer.section("optimizer"):
+            engine.step(last=True)
+        with timer.section("queue_gather"):
+            model.enqueue(out.image_feat_m, out.text_feat_m)
+        if i >= warmup:
+            losses.append(out.loss.detach())
+    sections = timer.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    engine.barrier()
+    elapsed = time.perf_counter() - t0
+    loss_vals = torch.stack(losses).float().tolist()
+    if not all(v == v and abs(v) != float("inf") for v in loss_vals):
+        raise FloatingPointError(f"non-finite loss in the {recipe} benchmark: {loss_vals}")
+    step_s = elapsed / steps
+    breakdown = {k: sections.get(k, 0.0) / steps for k in SECTIONS}
+    breakdown["other"] = max(0.0, step_s - sum(breakdown.values()))
+    text_len = c.data.max_tokens
+    model_flops = step_flops(c.model, batch, text_len).total
+    executed = step_flops(
+        c.model, batch, text_len, mlm_head_positions="all" if recipe == "reference" else "masked"
+    )
+    res = {
+        "recipe": recipe,
+        "params_trainable": n_params,
+        "precision": "fp32" if recipe == "reference" else c.train.precision,
+        "batch_per_device": batch,
+        "steps": steps,
+        "warmup": warmup,
+        "elapsed_s": elapsed,
+        "step_time_s": step_s,
+        "samples_per_s": batch * info.world_size / step_s,
+        "samples_per_s_per_device": batch / step_s,
+        "breakdown_s": breakdown,
+        "peak_mem_gb": peak_memory_gb(device),
+        "model_flops_per_step": model_flops,
+        "executed_flops_per_step": executed.total,
+        "executed_flops_by_component": executed.as_dict(),
+        "achieved_tflops_per_device": model_flops / step_s / 1e12,
+        "mean_loss": sum(loss_vals) / len(loss_vals),
+    }
+    model.timer = None
+    del engine, model, data
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def plot_breakdown(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["recipes"]
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.7 * len(runs)))
+    names = [*SECTIONS, "other"]
+    colors = plt.get_cmap("tab20").colors
+    for row, r in enumerate(runs):
+        left = 0.0
+        for j, k in enumerate(names):
+            ms = r["breakdown_s"][k] * 1000
+            ax.barh(row, ms, left=left, color=colors[j % len(colors)], label=k if row == 0 else None)
+            left += ms
+        ax.text(left, row, f"  {r['samples_per_s']:.1f} samples/s", va="center", fontsize=8)
+    ax.set_yticks(range(len(runs)), [r["recipe"] for r in runs])
+    ax.set_xlabel("ms per optimizer step")
+    ax.set_title(
+        f"{result['config_name']}: batch {result['batch_per_device']}/device x {result['world_size']} on "
+        f"{result['device_name']}"
+    )
+    ax.legend(ncol=4, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def bench_throughput(
+    cfg: Config,
+    *,
+    config_name: str,
+    recipes: list[str],
+    warmup: int,
+    steps: int,
+    out: Path,
+    peak_tflops: float = 0.0,
+    tensorboard: bool = False,
+    profile: bool = False,
+) -> dict:
+    """Run the benchmark on this process's ranks (one process, or every rank of a launcher); rank 0 writes
+    `out` (JSON) and the PNG beside it, and returns the result."""
+    from ..train.engine import init_distributed
+    from ..train.loop import resolve_device
+
+    if warmup < 0 or steps < 1:
+        raise ConfigError(f"--warmup must be >= 0 and --steps >= 1 (got {warmup}, {steps})")
+    if out.suffix != ".json":
+        raise ConfigError(f"--out {out} must end in .json (the plot is written beside it as .png)")
+    info = world_info_from_env()
+    if cfg.train.engine == "torch" and info.world_size > 1:
+        raise ConfigError("several ranks need train.engine=deepspeed")
+    device = resolve_device(cfg.train.device, info.local_rank)
+    if cfg.train.engine == "deepspeed":
+        init_distributed(info, device)
+    peak, peak_src = device_peak_flops(device, peak_tflops)
+    result = {
+        "config_name": config_name,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": str(device),
+        "world_size": info.world_size,
+        "engine": cfg.train.engine,
+        "batch_per_device": cfg.train.batch_size,
+        "text_len": cfg.data.max_tokens,
+        "image_size": cfg.model.vision.image_size,
+        "queue_size": cfg.model.queue_size,
+        "params_trainable": None,
+        "peak_flops_per_device": peak,
+        "peak_source": peak_src,
+        "versions": _versions(),
+        "config": config_to_dict(cfg),
+        "recipes": [],
+    }
+    prof_ctx = contextlib.nullcontext()
+    if profile and info.rank == 0:
+        prof_ctx = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]
+            + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []),
+        )
+    with prof_ctx as prof:
+        for recipe in recipes:
+            log.info("benchmarking the %s recipe: %d warm-up + %d timed steps", recipe, warmup, steps)
+            r = run_recipe(cfg, recipe, warmup=warmup, steps=steps, device=device, info=info)
+            r["mfu"] = r["model_flops_per_step"] / r["step_time_s"] / peak if peak else None
+            result["recipes"].append(r)
+            log.info(
+                "%s: %.2f samples/s (%.2f per device), step %.1f ms, peak memory %.2f GB, MFU %s",
+                recipe,
+                r["samples_per_s"],
+                r["samples_per_s_per_device"],
+                r["step_time_s"] * 1000,
+                r["peak_mem_gb"],
+                f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
+            )
+    result["params_trainable"] = result["recipes"][0]["params_trainable"]
+    by = {r["recipe"]: r for r in result["recipes"]}
+    if "ours" in by and "reference" in by:
+        result["speedup_vs_reference"] = by["ours"]["samples_per_s"] / by["reference"]["samples_per_s"]
+    if info.rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if profile and prof is not None:
+            trace = out.with_suffix(".trace.json")
+            prof.export_chrome_trace(str(trace))
+            result["profiler_trace"] = str(trace)
+        out.write_text(json.dumps(result, indent=1))
+        plot_breakdown(result, out.with_suffix(".png"))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            with SummaryWriter(log_dir=str(out.with_suffix("")) + "_tb") as tb:
+                for i, r in enumerate(result["recipes"]):
+                    for k, v in r["breakdown_s"].items():
+                        tb.add_scalar(f"{r['recipe']}/breakdown_ms/{k}", v * 1000, i)
+                    tb.add_scalar(f"{r['recipe']}/samples_per_s", r["samples_per_s"], i)
+    return result
+
+
+def _versions() -> dict:
+    import platform
+
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import deepspeed
+
+        v["deepspeed"] = deepspeed.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        v["cuda"] = torch.version.cuda
+    return v
