@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -15,3 +16,15 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """In-process runs that form a process group export RANK, LOCAL_WORLD_SIZE, MASTER_PORT, ... into
+    os.environ; a later launcher child would inherit them. Each test starts from the environment the one
+    before it found."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
