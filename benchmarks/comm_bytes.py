@@ -159,6 +159,8 @@ def _call_site() -> tuple[str, str]:
     while f is not None:
         fn = f.f_code.co_filename
         if not any(s in fn for s in skip) and not fn.startswith("<"):
+            if "/albef_ds/" in fn:  # our package, wherever the venv's editable install points
+                fn = "albef_ds/" + fn.split("/albef_ds/", 1)[1]
             for anchor in ("site-packages/", str(ROOT) + "/"):
                 if anchor in fn:
                     fn = fn.split(anchor, 1)[1]

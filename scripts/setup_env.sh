@@ -20,8 +20,9 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   echo "$want" > "$stamp"
 fi
 # Editable install of *this* checkout (cheap; also re-points the venv when several clones share it).
-installed="$("$VENV/bin/python" -c 'import albef_ds, os; print(os.path.dirname(os.path.dirname(albef_ds.__file__)))' 2>/dev/null || true)"
-if [ "$installed" != "$ROOT" ] || ! "$VENV/bin/python" -c 'import albef_ds.kernels, albef_ds.launcher' 2>/dev/null; then
+# Asked from / so that a checkout in the current folder cannot answer for the installed one.
+installed="$(cd / && "$VENV/bin/python" -c 'import albef_ds, os; print(os.path.dirname(os.path.dirname(albef_ds.__file__)))' 2>/dev/null || true)"
+if [ "$installed" != "$ROOT" ] || ! (cd / && "$VENV/bin/python" -c 'import albef_ds.kernels, albef_ds.launcher' 2>/dev/null); then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
 fi
