@@ -1,5 +1,5 @@
 """`albef-ds` command line: pretrain, evaluate (ITC; `evaluate retrieval`: ITC + ITM re-rank), finetune
-retrieval, export, data synth / synth-retrieval."""
+retrieval, export, data synth / synth-retrieval / shard / validate."""
 
 from __future__ import annotations
 
@@ -151,6 +151,38 @@ def _parser() -> argparse.ArgumentParser:
         "finetune.test_file (the held-out images split in two, caption lists).",
     )
     _add_config_args(s)
+    s = dsub.add_parser(
+        "shard",
+        help="convert JSON image-text lists into webdataset tar shards",
+        description="Write the pairs of JSON lists ({image, caption: str | [str]}) as webdataset shards "
+        "OUT/PREFIX-000000.tar, ... (webdataset's ShardWriter; per sample <key>.jpg|png|webp|bmp, <key>.txt "
+        "with the first caption, <key>.json with every caption and the source path). Images that are "
+        "missing or not usable are left out and listed. Use the shards as data.train_file "
+        "(e.g. 'OUT/PREFIX-{000000..000009}.tar' or 'OUT/*.tar').",
+    )
+    s.add_argument("inputs", nargs="+", help="JSON list files")
+    s.add_argument("--out", "-o", required=True, help="output folder")
+    s.add_argument(
+        "--image-root", default="", help="prefix of relative image paths (default: each JSON's folder)"
+    )
+    s.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    s.add_argument("--prefix", default="shard", help="shard file name prefix")
+    s = dsub.add_parser(
+        "validate",
+        help="find missing, unreadable and undecodable images in a data source",
+        description="Read and decode every image of JSON lists and/or webdataset shards (PIL, as the "
+        "reference loader) and report the missing, unreadable and undecodable ones with their paths and "
+        "the reason. Exit status 1 when any is found.",
+    )
+    s.add_argument(
+        "inputs", nargs="+", help="JSON list files and/or shard specs ('a-{000..009}.tar', '*.tar')"
+    )
+    s.add_argument(
+        "--image-root", default="", help="prefix of relative image paths (default: each JSON's folder)"
+    )
+    s.add_argument("--threads", type=int, default=4, help="decoding threads")
+    s.add_argument("--max-image-pixels", type=int, default=89_478_485, help="larger images count as bad")
+    s.add_argument("--output", "-o", default="", help="also write the report as JSON here")
 
     from .launcher.cli import add_launch_parser
 
@@ -166,6 +198,36 @@ def _map_evaluate_retrieval(argv: list[str]) -> list[str]:
     if argv[i : i + 2] == ["evaluate", "retrieval"]:
         return [*argv[:i], "evaluate-retrieval", *argv[i + 2 :]]
     return argv
+
+
+def _data_tool(args: argparse.Namespace) -> int:
+    from .data.datasets import load_annotations
+    from .data.sources import open_source, validate_source, write_shards
+
+    if args.data_command == "shard":
+        entries = [e for f in args.inputs for e in load_annotations(f, args.image_root)]
+        res = write_shards(entries, args.out, shard_size=args.shard_size, prefix=args.prefix)
+        print(
+            json.dumps(
+                {"shards": len(res["shards"]), "written": res["written"], "skipped": res["skipped"]}, indent=2
+            )
+        )
+        print(f"{res['written']} samples in {len(res['shards'])} shard(s) under {args.out}")
+        return 0
+    source = open_source(args.inputs, args.image_root)
+    report = validate_source(source, threads=args.threads, max_pixels=args.max_image_pixels)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+    for kind in ("missing", "unreadable", "undecodable"):
+        for name, why in report[kind]:
+            print(f"{kind}: {name}: {why}")
+    bad = report["total"] - report["ok"]
+    print(
+        f"{report['total']} images: {report['ok']} ok, {len(report['missing'])} missing, "
+        f"{len(report['unreadable'])} unreadable, {len(report['undecodable'])} undecodable"
+    )
+    return 1 if bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(export_weights(args.source, args.output), indent=2))
             return 0
+        if args.command == "data" and args.data_command in ("shard", "validate"):
+            return _data_tool(args)
         cfg = load_config(args.config or _DEFAULT_CONFIG.get(args.command, None), args.overrides)
         if args.command == "bench" and args.bench_command == "throughput":
             from pathlib import Path

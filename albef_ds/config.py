@@ -88,8 +88,9 @@ class DataConfig:
     hflip: bool = True
     randaug_n: int = 2  # RandAugment: ops per image
     randaug_m: int = 7  # RandAugment: magnitude (0-10)
-    num_workers: int = 2  # DataLoader worker processes (decode + augment + tokenise)
-    loader: str = "torch"  # "torch" (PIL reference loader); "dali" comes with the data-at-scale issue
+    num_workers: int = 2  # torch loader: DataLoader worker processes; dali loader: pipeline threads
+    loader: str = "torch"  # "torch": PIL + torchvision in DataLoader workers; "dali": NVIDIA DALI (GPU/CPU)
+    max_image_pixels: int = 89_478_485  # larger images are skipped and counted (Pillow's bomb threshold)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -212,6 +213,8 @@ class Config:
             raise ConfigError(f"data.tokenizer_mode must be 'albef' or 'standard', got {d.tokenizer_mode!r}")
         if d.loader not in ("torch", "dali"):
             raise ConfigError(f"data.loader must be 'torch' or 'dali', got {d.loader!r}")
+        if d.max_image_pixels < 1:
+            raise ConfigError(f"data.max_image_pixels must be >= 1, got {d.max_image_pixels}")
         if len(d.crop_scale) != 2 or not 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0:
             raise ConfigError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {d.crop_scale}")
         if len(self.optim.betas) != 2:

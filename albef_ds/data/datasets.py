@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .sources import (
+    DEFAULT_MAX_PIXELS,
+    BadImage,
+    ImageTextSource,
+    decode_rgb,
+    open_source,
+)
 from .text import TextTokenizer, clean_caption
 from .transforms import eval_transform, pretrain_transform
 
@@ -81,26 +87,6 @@ def load_annotations(path: str | Path, image_root: str = "") -> list[dict]:
     return out
 
 
-class _PackedList:
-    """Read-only list of picklable records stored in one numpy byte buffer.
-
-    A Python list of millions of dicts gets copied page by page into every forked DataLoader worker as
-    reference counts are touched; two numpy arrays do not (the detectron2 / torch issue #13246 remedy).
-    """
-
-    def __init__(self, items: Sequence[Any]) -> None:
-        blobs = [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in items]
-        self._ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)  # [N] end offset of each record
-        self._buf = np.frombuffer(b"".join(blobs), dtype=np.uint8) if blobs else np.zeros(0, np.uint8)
-
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    def __getitem__(self, i: int) -> Any:
-        start = int(self._ends[i - 1]) if i > 0 else 0
-        return pickle.loads(self._buf[start : int(self._ends[i])].tobytes())
-
-
 def _open_rgb(path: str) -> Image.Image:
     with Image.open(path) as img:
         img.load()  # decode now, so truncated files fail here rather than inside the transform
@@ -116,10 +102,11 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class ImageTextDataset(Dataset):
-    """Pre-training pairs from one or more annotation files.
+    """Pre-training pairs from JSON lists and/or webdataset shards (see `sources.open_source`), or a source.
 
     `__getitem__(i)` returns ``{"image": FloatTensor [3, S, S], "caption": str, "index": i}`` (one caption
-    drawn at random when the entry has several) or None when the image cannot be read (logged with its path).
+    drawn at random when the entry has several) or None when the image cannot be used (missing, unreadable,
+    empty, not an image, truncated, too large: logged with its path and reason).
 
     With `seed` set, each sample's random draws (caption choice, crop, flip, RandAugment) come from an RNG
     seeded by (seed, epoch, index) and the caller's global RNG state is left untouched, so a sample's view
@@ -129,37 +116,31 @@ class ImageTextDataset(Dataset):
 
     def __init__(
         self,
-        ann_files: list[str] | str,
+        ann_files: list[str] | str | ImageTextSource,
         *,
         image_root: str = "",
         transform: Callable[[Image.Image], torch.Tensor],
         max_words: int,
         seed: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
-        files = [ann_files] if isinstance(ann_files, (str, Path)) else list(ann_files)
-        entries: list[dict] = []
-        for f in files:
-            entries.extend(load_annotations(f, image_root))
-        if not entries:
-            raise ValueError(f"no image-text pairs in annotation files {[str(f) for f in files]}")
-        # Only what __getitem__ needs: (absolute path, caption or tuple of captions).
-        self._entries = _PackedList(
-            [
-                (e["image"], tuple(e["caption"]) if isinstance(e["caption"], list) else e["caption"])
-                for e in entries
-            ]
-        )
+        if isinstance(ann_files, ImageTextSource):
+            self.source = ann_files
+        else:
+            files = [ann_files] if isinstance(ann_files, (str, Path)) else list(ann_files)
+            self.source = open_source(files, image_root)
         self.transform = transform
         self.max_words = max_words
+        self.max_pixels = max_pixels
         self.seed = seed
         self.epoch = 0
-        logger.info("image-text dataset: %d pairs from %d file(s)", len(self._entries), len(files))
+        logger.info("image-text dataset: %d pairs", len(self.source))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.source)
 
     def __getitem__(self, index: int) -> dict | None:
         if self.seed is None:
@@ -173,19 +154,42 @@ class ImageTextDataset(Dataset):
             return self._load(index, random.Random(s))
 
     def _load(self, index: int, rng: random.Random | Any) -> dict | None:
-        path, caption = self._entries[index]
-        try:
-            img = _open_rgb(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:  # includes UnidentifiedImageError
-            logger.warning("skipping image %s (index %d): %s", path, index, e)
+        img = load_image(self.source, index, self.max_pixels)
+        if img is None:
             return None
+        caption = self.source.caption(index)
         if isinstance(caption, tuple):
             caption = rng.choice(caption)
         text = clean_caption(caption, self.max_words)
         return {"image": self.transform(img), "caption": text, "index": index}
 
 
+def load_image(
+    source: ImageTextSource, index: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image | None:
+    """RGB image `index` of `source`, or None (logged with the file and the reason) when it cannot be used."""
+    try:
+        return decode_rgb(source.read(index), max_pixels)
+    except (OSError, BadImage) as e:
+        logger.warning("skipping image %s (index %d): %s", source.name(index), index, e)
+        return None
+
+
 # -------------------------------------------------------------------------------------------- collator
+def empty_batch(skipped: int, image: torch.Tensor | None = None, with_idx: bool = False) -> dict:
+    """The batch format with no sample (every image of the batch was skipped)."""
+    out = {
+        "image": torch.zeros((0, 3, 0, 0)) if image is None else image,
+        "input_ids": torch.zeros((0, 0), dtype=torch.long),
+        "attention_mask": torch.zeros((0, 0), dtype=torch.long),
+        "index": torch.zeros(0, dtype=torch.long),
+        "num_skipped": skipped,
+    }
+    if with_idx:
+        out["idx"] = torch.zeros(0, dtype=torch.long)
+    return out
+
+
 class ImageTextCollator:
     """List of samples (None = unreadable image) -> the batch format; tokenises inside the worker."""
 
@@ -196,13 +200,7 @@ class ImageTextCollator:
         kept = [s for s in samples if s is not None]
         skipped = len(samples) - len(kept)
         if not kept:
-            return {
-                "image": torch.zeros((0, 3, 0, 0)),
-                "input_ids": torch.zeros((0, 0), dtype=torch.long),
-                "attention_mask": torch.zeros((0, 0), dtype=torch.long),
-                "index": torch.zeros(0, dtype=torch.long),
-                "num_skipped": skipped,
-            }
+            return empty_batch(skipped)
         text = self.tokenizer([s["caption"] for s in kept])  # input_ids / attention_mask [B, L]
         return {
             "image": torch.stack([s["image"] for s in kept]),  # [B, 3, S, S]
@@ -299,7 +297,8 @@ class _WorkerSeeder:
         np.random.seed(torch.initial_seed() % 2**32)
 
 
-def build_pretrain_loader(
+def build_train_loader(
+    source: ImageTextSource,
     data_cfg,
     tokenizer: TextTokenizer,
     *,
@@ -309,61 +308,107 @@ def build_pretrain_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int | None = None,
-) -> tuple[DataLoader, ShardedEpochSampler]:
-    """The pre-training DataLoader over `data_cfg.train_file` and its sampler.
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    make_dataset: Callable[[Callable], Dataset] | None = None,
+    collate_fn: Callable | None = None,
+    with_idx: bool = False,
+):
+    """A training loader over `source` and its `ShardedEpochSampler`, as `data_cfg.loader` says.
+
+    "dali": `dali.DaliImageTextLoader` (batches on `device` in `dtype`; "idx" = `source.image_id` when
+    `with_idx`). "torch": a DataLoader over `make_dataset(transform)` (default `ImageTextDataset`) with
+    `collate_fn` (default `ImageTextCollator`). Both use the pre-training transform of `data_cfg`
+    (crop_scale, hflip, RandAugment) at `image_size` and drop the last partial batch.
+    """
+    workers = data_cfg.num_workers if num_workers is None else num_workers
+    aug = {
+        "crop_scale": tuple(data_cfg.crop_scale),
+        "hflip": data_cfg.hflip,
+        "randaug_n": data_cfg.randaug_n,
+        "randaug_m": data_cfg.randaug_m,
+    }
+    if data_cfg.loader == "dali":
+        from .dali import DaliImageTextLoader
+
+        sampler = ShardedEpochSampler(
+            len(source), rank=rank, world_size=world_size, seed=seed, batch_size=batch_size, drop_last=True
+        )
+        loader = DaliImageTextLoader(
+            source,
+            sampler,
+            tokenizer,
+            image_size=image_size,
+            batch_size=batch_size,
+            seed=seed,
+            max_words=data_cfg.max_words,
+            num_threads=max(1, workers),
+            device=device,
+            dtype=dtype,
+            max_pixels=data_cfg.max_image_pixels,
+            with_idx=with_idx,
+            **aug,
+        )
+    else:
+        transform = pretrain_transform(image_size, **aug)
+        if make_dataset is None:
+            dataset = ImageTextDataset(
+                source,
+                transform=transform,
+                max_words=data_cfg.max_words,
+                seed=seed,
+                max_pixels=data_cfg.max_image_pixels,
+            )
+        else:
+            dataset = make_dataset(transform)
+        sampler = ShardedEpochSampler(
+            len(dataset),
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            batch_size=batch_size,
+            drop_last=True,
+            on_set_epoch=dataset.set_epoch,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_fn or ImageTextCollator(tokenizer),
+            drop_last=True,
+            pin_memory=False,
+            persistent_workers=False,  # workers must be re-created per epoch to see the dataset's new epoch
+            worker_init_fn=_WorkerSeeder() if workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed + rank),  # worker base seeds, not the global RNG
+        )
+    logger.info(
+        "training loader (%s): %d pairs, rank %d/%d, %d batches of %d per epoch, %d %s",
+        data_cfg.loader,
+        len(source),
+        rank,
+        world_size,
+        sampler.batches_per_epoch,
+        batch_size,
+        workers,
+        "threads" if data_cfg.loader == "dali" else "workers",
+    )
+    return loader, sampler
+
+
+def build_pretrain_loader(data_cfg, tokenizer: TextTokenizer, **kwargs):
+    """The pre-training loader over `data_cfg.train_file` (JSON lists and/or webdataset shards) and its
+    sampler (see `build_train_loader` for the keywords): `data_cfg.loader` = "torch" (PIL + torchvision in
+    DataLoader workers, the reference) or "dali" (decode + augment on the training GPU, or on CPU threads).
 
     Augmentation is a function of (seed, epoch, sample index) only, so a run is reproducible whatever the
     number of workers and a mid-epoch resume (`sampler.set_start`) sees the same views. Call
     `sampler.set_epoch(epoch)` before iterating each epoch (it also tells the dataset the epoch).
     """
     if not data_cfg.train_file:
-        raise ValueError("data.train_file is empty: give one or more JSON annotation files")
-    transform = pretrain_transform(
-        image_size,
-        crop_scale=tuple(data_cfg.crop_scale),
-        hflip=data_cfg.hflip,
-        randaug_n=data_cfg.randaug_n,
-        randaug_m=data_cfg.randaug_m,
-    )
-    dataset = ImageTextDataset(
-        list(data_cfg.train_file),
-        image_root=data_cfg.image_root,
-        transform=transform,
-        max_words=data_cfg.max_words,
-        seed=seed,
-    )
-    sampler = ShardedEpochSampler(
-        len(dataset),
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        batch_size=batch_size,
-        drop_last=True,
-        on_set_epoch=dataset.set_epoch,
-    )
-    workers = data_cfg.num_workers if num_workers is None else num_workers
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=ImageTextCollator(tokenizer),
-        drop_last=True,
-        pin_memory=False,
-        persistent_workers=False,  # workers must be re-created per epoch to see the dataset's new epoch
-        worker_init_fn=_WorkerSeeder() if workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed + rank),  # worker base seeds, independent of global RNG
-    )
-    logger.info(
-        "pre-training loader: %d pairs, rank %d/%d, %d batches of %d per epoch, %d workers",
-        len(dataset),
-        rank,
-        world_size,
-        sampler.batches_per_epoch,
-        batch_size,
-        workers,
-    )
-    return loader, sampler
+        raise ValueError("data.train_file is empty: give JSON annotation files or webdataset shards")
+    source = open_source(list(data_cfg.train_file), data_cfg.image_root)
+    return build_train_loader(source, data_cfg, tokenizer, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ retrieval eval set
@@ -394,7 +439,12 @@ class RetrievalEvalSet:
     of caption t; images: [I] absolute paths; image_ids: [I] the entries' "image_id" (or the path).
     """
 
-    def __init__(self, ann_file: str, *, image_root: str = "", image_size: int, max_words: int) -> None:
+    def __init__(
+        self, ann_file: str, *, image_root: str = "", image_size: int, max_words: int, loader: str = "torch"
+    ) -> None:
+        if loader not in ("torch", "dali"):
+            raise ValueError(f"loader must be 'torch' or 'dali', got {loader!r}")
+        self.loader = loader
         entries = load_annotations(ann_file, image_root)
         if not entries:
             raise ValueError(f"evaluation file {ann_file} holds no entries")
@@ -430,3 +480,31 @@ class RetrievalEvalSet:
 
     def image_dataset(self) -> EvalImageDataset:
         return EvalImageDataset(self.images, eval_transform(self.image_size))
+
+    def image_batches(
+        self,
+        start: int,
+        end: int,
+        *,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        num_workers: int = 0,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Images start..end-1 with the eval transform, in order: (float [B, 3, S, S], LongTensor [B] image
+        indices), through the PIL reference (DataLoader with `num_workers`) or DALI (`num_workers` threads;
+        the images arrive on `device`), as `loader` says."""
+        if end <= start:
+            return iter(())
+        if self.loader == "dali":
+            from .dali import DaliEvalImages
+
+            it = DaliEvalImages(
+                self.images[start:end],
+                image_size=self.image_size,
+                batch_size=batch_size,
+                num_threads=max(1, num_workers),
+                device=device,
+            )
+            return ((x, ids + start) for x, ids in it)
+        ds = torch.utils.data.Subset(self.image_dataset(), range(start, end))
+        return iter(DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers))

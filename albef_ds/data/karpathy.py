@@ -19,18 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .datasets import (
-    ImageTextCollator,
-    ShardedEpochSampler,
-    _open_rgb,
-    _PackedList,
-    _sample_seed,
-    load_annotations,
-)
+from .datasets import ImageTextCollator, _sample_seed, build_train_loader, load_annotations, load_image
+from .sources import DEFAULT_MAX_PIXELS, JsonListSource
 from .text import TextTokenizer, clean_caption
-from .transforms import pretrain_transform
 
 logger = logging.getLogger(__name__)
 
@@ -88,58 +81,65 @@ def check_karpathy_eval(path: str | Path) -> None:
             raise ValueError(f"{where}: field 'caption' must be a non-empty list of str, got {cap!r:.80}")
 
 
-class RetrievalTrainDataset(Dataset):
-    """Karpathy train entries -> {"image": [3, S, S], "caption": str, "index": i, "idx": image number}.
+def _karpathy_train_source(files: list[str], image_root: str) -> tuple[JsonListSource, int]:
+    """Karpathy train files -> (source whose image_id(i) is the image number, number of images)."""
+    if not files:
+        raise ValueError("finetune.train_file is empty: give one or more Karpathy train JSON files")
+    entries, numbers, ids = [], [], {}
+    for f in files:
+        check_karpathy_train(f)
+        for e in load_annotations(f, image_root):
+            numbers.append(ids.setdefault((str(type(e["image_id"]).__name__), e["image_id"]), len(ids)))
+            entries.append(e)
+    if len(ids) >= MAX_IMAGE_IDS:
+        raise ValueError(f"{len(ids)} distinct image ids in {files}: at most {MAX_IMAGE_IDS - 1} supported")
+    logger.info("retrieval train set: %d captions of %d images from %s", len(entries), len(ids), files)
+    return JsonListSource(entries, numbers), len(ids)
 
-    Image ids (any str/int) are numbered 0..n_images-1 in order of first appearance across the files;
-    `idx` is that number (what ITC and ITM compare). Seeded per (seed, epoch, index) like the pre-training
-    set, so an epoch is reproducible whatever the number of workers. None for an unreadable image.
+
+class RetrievalTrainDataset(Dataset):
+    """Karpathy train pairs -> {"image": [3, S, S], "caption": str, "index": i, "idx": image number}.
+
+    `source` comes from `_karpathy_train_source`: image ids (any str/int) numbered 0..n_images-1 in order of
+    first appearance across the files; `idx` is that number (what ITC and ITM compare). Seeded per (seed,
+    epoch, index) like the pre-training set, so an epoch is reproducible whatever the number of workers.
+    None for an unusable image.
     """
 
     def __init__(
-        self, files: list[str], *, image_root: str = "", transform, max_words: int, seed: int
+        self,
+        source: JsonListSource,
+        *,
+        transform,
+        max_words: int,
+        seed: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
-        if not files:
-            raise ValueError("finetune.train_file is empty: give one or more Karpathy train JSON files")
-        entries, ids = [], {}
-        for f in files:
-            check_karpathy_train(f)
-            for e in load_annotations(f, image_root):
-                n = ids.setdefault((str(type(e["image_id"]).__name__), e["image_id"]), len(ids))
-                entries.append((e["image"], e["caption"], n))
-        if len(ids) >= MAX_IMAGE_IDS:
-            raise ValueError(
-                f"{len(ids)} distinct image ids in {files}: at most {MAX_IMAGE_IDS - 1} supported"
-            )
-        self._entries = _PackedList(entries)
-        self.num_images = len(ids)
+        self.source = source
         self.transform = transform
         self.max_words = max_words
+        self.max_pixels = max_pixels
         self.seed = seed
         self.epoch = 0
-        logger.info("retrieval train set: %d captions of %d images from %s", len(entries), len(ids), files)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.source)
 
     def __getitem__(self, index: int) -> dict | None:
-        path, caption, idx = self._entries[index]
         s = _sample_seed(self.seed, self.epoch, index)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(s)
-            try:
-                img = _open_rgb(path)
-            except (OSError, ValueError) as e:
-                logger.warning("skipping image %s (index %d): %s", path, index, e)
+            img = load_image(self.source, index, self.max_pixels)
+            if img is None:
                 return None
             return {
                 "image": self.transform(img),
-                "caption": clean_caption(caption, self.max_words),
+                "caption": clean_caption(self.source.caption(index), self.max_words),
                 "index": index,
-                "idx": idx,
+                "idx": self.source.image_id(index),
             }
 
 
@@ -152,46 +152,33 @@ class RetrievalCollator(ImageTextCollator):
         return out
 
 
-def build_retrieval_train_loader(
-    cfg, tokenizer: TextTokenizer, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
-) -> tuple[DataLoader, ShardedEpochSampler]:
+def build_retrieval_train_loader(cfg, tokenizer: TextTokenizer, **kwargs):
     """Loader over cfg.finetune.train_file with the pre-training augmentation at model.vision.image_size
-    (random resized crop with data.crop_scale, flip, RandAugment), sharded over ranks, drop_last."""
+    (random resized crop with data.crop_scale, flip, RandAugment), sharded over ranks, drop_last; batches
+    carry "idx" (image numbers). Through DALI when data.loader = dali, else PIL + torchvision workers; the
+    keywords are `datasets.build_train_loader`'s (batch_size, seed, rank, world_size, device, dtype)."""
     d = cfg.data
-    transform = pretrain_transform(
-        cfg.model.vision.image_size,
-        crop_scale=tuple(d.crop_scale),
-        hflip=d.hflip,
-        randaug_n=d.randaug_n,
-        randaug_m=d.randaug_m,
-    )
-    dataset = RetrievalTrainDataset(
-        list(cfg.finetune.train_file),
-        image_root=cfg.finetune.image_root,
-        transform=transform,
-        max_words=d.max_words,
-        seed=seed,
-    )
-    sampler = ShardedEpochSampler(
-        len(dataset),
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        batch_size=batch_size,
-        drop_last=True,
-        on_set_epoch=dataset.set_epoch,
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=d.num_workers,
+    source, _ = _karpathy_train_source(list(cfg.finetune.train_file), cfg.finetune.image_root)
+
+    def make_dataset(transform):
+        return RetrievalTrainDataset(
+            source,
+            transform=transform,
+            max_words=d.max_words,
+            seed=kwargs["seed"],
+            max_pixels=d.max_image_pixels,
+        )
+
+    return build_train_loader(
+        source,
+        d,
+        tokenizer,
+        image_size=cfg.model.vision.image_size,
+        make_dataset=make_dataset,
         collate_fn=RetrievalCollator(tokenizer),
-        drop_last=True,
-        persistent_workers=False,
-        generator=torch.Generator().manual_seed(seed + rank),
+        with_idx=True,
+        **kwargs,
     )
-    return loader, sampler
 
 
 def write_synthetic_karpathy(

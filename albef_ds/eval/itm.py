@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .comm import LocalComm, shard_bounds
@@ -66,18 +65,17 @@ def _pad_to(x: torch.Tensor, length: int, value: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _encode_images(model, dataset, start, end, *, device, batch_size, num_workers, bar):
+def _encode_images(model, eval_set, start, end, *, device, batch_size, num_workers, bar):
     dtype = _param_dtype(model)
     tokens, feats = [], []
-    if end > start:
-        loader = DataLoader(
-            Subset(dataset, range(start, end)), batch_size=batch_size, shuffle=False, num_workers=num_workers
-        )
-        for images, _ in loader:
-            emb, f = model.encode_image(images.to(device, dtype, non_blocking=True))
-            tokens.append(emb)  # (B, 1+N, W)
-            feats.append(f.float())  # (B, D)
-            bar.update(images.shape[0])
+    batches = eval_set.image_batches(
+        start, end, batch_size=batch_size, device=device, num_workers=num_workers
+    )
+    for images, _ in batches:
+        emb, f = model.encode_image(images.to(device, dtype, non_blocking=True))
+        tokens.append(emb)  # (B, 1+N, W)
+        feats.append(f.float())  # (B, D)
+        bar.update(images.shape[0])
     if not tokens:
         w = model.visual_encoder.embed_dim
         n = model.visual_encoder.patch_embed.num_patches + 1
@@ -165,7 +163,7 @@ def retrieval_scores(
         with tqdm(total=(ib - ia) + (tb - ta), desc="encode (rank 0)", disable=not show, unit="item") as bar:
             img_tokens, img_feat = _encode_images(
                 model,
-                eval_set.image_dataset(),
+                eval_set,
                 ia,
                 ib,
                 device=device,

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +71,7 @@ def itc_features(model, eval_set, tokenizer, *, device: torch.device, batch_size
     model.eval()
     try:
         img_feats = []
-        loader = DataLoader(eval_set.image_dataset(), batch_size=batch_size, shuffle=False, num_workers=0)
-        for images, _ in loader:
+        for images, _ in eval_set.image_batches(0, eval_set.num_images, batch_size=batch_size, device=device):
             _, f = model.encode_image(images.to(device, non_blocking=True))
             img_feats.append(f.float().cpu())
         txt_feats = []

@@ -50,6 +50,7 @@ def load_eval_set(cfg: Config, path: str, image_root: str = "") -> RetrievalEval
         image_root=image_root,
         image_size=cfg.model.vision.image_size,
         max_words=cfg.data.max_words,
+        loader=cfg.data.loader,
     )
 
 

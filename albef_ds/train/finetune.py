@@ -128,6 +128,8 @@ def finetune_retrieval(cfg: Config) -> dict:
         seed=cfg.train.seed,
         rank=info.rank,
         world_size=info.world_size,
+        device=device,
+        dtype=getattr(engine, "input_dtype", torch.float32),
     )
     steps_per_epoch = sampler.batches_per_epoch // accum
     if steps_per_epoch == 0:

@@ -255,6 +255,8 @@ def pretrain(cfg: Config) -> dict:
         seed=cfg.train.seed,
         rank=info.rank,
         world_size=info.world_size,
+        device=device,
+        dtype=getattr(engine, "input_dtype", torch.float32),
     )
     steps_per_epoch = sampler.batches_per_epoch // accum
     if steps_per_epoch == 0:
@@ -277,6 +279,7 @@ def pretrain(cfg: Config) -> dict:
             image_root=cfg.data.image_root,
             image_size=cfg.model.vision.image_size,
             max_words=cfg.data.max_words,
+            loader=cfg.data.loader,
         )
     result: dict = {"steps": 0, "world_size": info.world_size}
 
@@ -521,5 +524,6 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict:
         image_root=cfg.data.image_root,
         image_size=cfg.model.vision.image_size,
         max_words=cfg.data.max_words,
+        loader=cfg.data.loader,
     )
     return itc_retrieval(model, eval_set, tokenizer, device=device, batch_size=cfg.eval.batch_size)

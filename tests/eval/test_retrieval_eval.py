@@ -117,8 +117,9 @@ def test_itm_scores_are_the_fusion_heads_positive_logit(tmp_path):
         img2txt = [[0, 1], [2, 3], [4], [5, 6], [7, 8]]
         txt2img = [0, 0, 1, 1, 2, 3, 3, 4, 4]
 
-        def image_dataset(self):
-            return [(images[i], i) for i in range(5)]
+        def image_batches(self, start, end, *, batch_size, device="cpu", num_workers=0):
+            for s in range(start, end, batch_size):
+                yield images[s : min(end, s + batch_size)], torch.arange(s, min(end, s + batch_size))
 
     k = 3
     sc = retrieval_scores(
