@@ -322,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
             from .train.finetune import finetune_retrieval
 
             result = finetune_retrieval(cfg)
+            if result.get("preempted"):
+                from .train.loop import EXIT_PREEMPTED
+
+                return EXIT_PREEMPTED
             from .train.dist_env import world_info_from_env
 
             if "test" in result and world_info_from_env().rank == 0:

@@ -106,3 +106,32 @@ def launch_deepspeed(
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+
+
+FT_CFG = str(ROOT / "configs/finetune_debug.yaml")
+
+
+def small_karpathy_set(tmp: Path) -> list[str]:
+    """96 training images (3 captions each) and 16 held-out ones (val + test) under `tmp`; returns the
+    config overrides that point data.* and finetune.* at them, with a randomly initialised model (the
+    mechanics, not the recall, are under test) and short evaluations (k_test 4)."""
+    synth, kp = tmp / "synth", tmp / "kp"
+    ov = [
+        f"data.synth.out_dir={synth}",
+        "data.synth.num_train=96",
+        "data.synth.num_eval=16",
+        f"data.tokenizer={synth / 'vocab.txt'}",
+        "data.num_workers=0",
+        f"finetune.train_file=[{kp / 'train.json'}]",
+        f"finetune.val_file={kp / 'val.json'}",
+        f"finetune.test_file={kp / 'test.json'}",
+        "model.albef_init=",
+        "train.batch_size=24",
+        "train.tensorboard=false",
+        "eval.k_test=4",
+    ]
+    from albef_ds.cli import main
+
+    assert main(["data", "synth", "--config", FT_CFG, *ov]) == 0
+    assert main(["data", "synth-retrieval", "--config", FT_CFG, *ov]) == 0
+    return ov

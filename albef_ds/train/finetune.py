@@ -10,7 +10,10 @@ After every finetune.eval_every epochs the validation split is evaluated (ITC to
 distributed over the ranks); the best r_mean is written to checkpoint_best.pt, and at the end the test
 split is evaluated with the best weights (results.json, metrics.jsonl, TensorBoard).
 
-Not here (yet): mid-run resumable checkpoints (a fine-tuning run is hours, not days; rerun it).
+Resumable like pre-training: every train.save_every steps (and at train.stop_at_step, which then exits with
+EXIT_PREEMPTED) the engine writes checkpoints/<step tag> with the position in the epoch, each rank's RNG
+state, the validation history and the best epoch so far; train.resume=auto|<tag> continues from it on the
+same number of ranks (the best weights for the final test come back from checkpoint_best.pt).
 """
 
 from __future__ import annotations
@@ -23,16 +26,28 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, save_config
+from ..config import Config, ConfigError, config_to_dict, save_config
 from ..data.karpathy import build_retrieval_train_loader, check_karpathy_eval
 from ..eval.comm import LocalComm, ProcessGroupComm
 from ..eval.itm import evaluate_retrieval
 from ..eval.run import build_retrieval_model, load_eval_set
+from .checkpoint import (
+    read_client,
+    set_rng_state,
+    step_tag,
+)
 from .dist_env import world_info_from_env
 from .ds_config import build_ds_config, global_batch, scaled_lr
 from .engine import DeepSpeedEngine, TorchEngine
-from .loop import build_tokenizer, resolve_device, save_checkpoint, seed_everything
-from .monitor import Monitor, peak_memory_gb
+from .loop import (
+    build_tokenizer,
+    resolve_device,
+    resume_tag,
+    save_checkpoint,
+    save_resumable_checkpoint,
+    seed_everything,
+)
+from .monitor import LogWindow, Monitor
 from .schedule import alpha_at, lr_at
 
 log = logging.getLogger(__name__)
@@ -147,11 +162,58 @@ def finetune_retrieval(cfg: Config) -> dict:
     val_set = load_eval_set(cfg, f.val_file, f.image_root) if f.val_file else None
     test_set = load_eval_set(cfg, f.test_file, f.image_root) if f.test_file else None
 
-    monitor = Monitor(
-        out_dir, enabled=is_main, tensorboard=cfg.train.tensorboard, total_steps=total_steps, start_step=0
-    )
-    monitor.write({"event": "start", "task": "retrieval", "time": time.time(), "total_steps": total_steps})
+    ckpt_root = out_dir / "checkpoints"
+    tag = resume_tag(cfg.train.resume, ckpt_root)
     result: dict = {"steps": 0, "world_size": info.world_size, "val": []}
+    best = {"r_mean": -math.inf, "epoch": -1, "step": 0}
+    best_state: dict[str, torch.Tensor] | None = None
+    ckpt_path = out_dir / "checkpoint_best.pt"
+    start_step, rng_to_restore = 0, None
+    if tag:
+        saved = read_client(ckpt_root / tag)
+        if saved["world_size"] != info.world_size:
+            raise ConfigError(
+                f"train.resume: {ckpt_root / tag} was written by {saved['world_size']} ranks, this run has "
+                f"{info.world_size}; resume fine-tuning on the same number of ranks"
+            )
+        client = engine.load(ckpt_root, tag)
+        start_step = client["step"]
+        state = client["finetune"]
+        best.update(state["best"])
+        result["val"] = state["val"]
+        if "val_before" in state:
+            result["val_before"] = state["val_before"]
+        if best["epoch"] >= 0:
+            if not ckpt_path.is_file():
+                raise FileNotFoundError(
+                    f"resuming from {ckpt_root / tag}: its best checkpoint {ckpt_path} is gone"
+                )
+            kept = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
+            best_state = {k: v for k, v in kept.items() if k.startswith(_ONLINE)}
+        rng_file = ckpt_root / tag / f"rng_rank{info.rank}.pt"
+        if rng_file.is_file():
+            rng_to_restore = torch.load(rng_file, weights_only=True)
+        log.info("resumed fine-tuning from %s at step %d", ckpt_root / tag, start_step)
+        result["resumed_from"] = tag
+    result["steps"] = start_step
+
+    monitor = Monitor(
+        out_dir,
+        enabled=is_main,
+        tensorboard=cfg.train.tensorboard,
+        total_steps=total_steps,
+        start_step=start_step,
+        desc="finetune",
+    )
+    monitor.write(
+        {
+            "event": "start",
+            "task": "retrieval",
+            "time": time.time(),
+            "start_step": start_step,
+            "total_steps": total_steps,
+        }
+    )
 
     def evaluate(eval_set, tag: str, step: int) -> dict:
         m = evaluate_retrieval(
@@ -179,12 +241,26 @@ def finetune_retrieval(cfg: Config) -> dict:
         monitor.eval(tag, step, m)
         return m
 
-    if cfg.train.eval_at_start and val_set is not None:
+    if cfg.train.eval_at_start and val_set is not None and not tag:
         result["val_before"] = evaluate(val_set, "val_before", 0)
 
-    best = {"r_mean": -math.inf, "epoch": -1, "step": 0}
-    best_state: dict[str, torch.Tensor] | None = None
-    ckpt_path = out_dir / "checkpoint_best.pt"
+    def save_resumable(step_done: int) -> None:
+        tag_now = step_tag(step_done)
+        kept = {"best": best, "val": result["val"]}
+        if "val_before" in result:
+            kept["val_before"] = result["val_before"]
+        client = {
+            "step": step_done,
+            "epoch": step_done // steps_per_epoch,
+            "batches_in_epoch": step_done % steps_per_epoch * accum,
+            "world_size": info.world_size,
+            "data_seed": cfg.train.seed,
+            "config": config_to_dict(cfg),
+            "finetune": kept,
+        }
+        save_resumable_checkpoint(
+            engine, ckpt_root, tag_now, client, rank=info.rank, keep_last=cfg.train.keep_last
+        )
 
     def end_of_epoch(epoch: int, step: int) -> None:
         nonlocal best_state
@@ -205,15 +281,18 @@ def finetune_retrieval(cfg: Config) -> dict:
             log.info("best so far (epoch %d, val r_mean %.2f): saved %s", epoch, best["r_mean"], ckpt_path)
 
     model.train()
-    acc = torch.zeros(3, device=device)
-    acc_n = samples_window = steps_window = 0
-    t_window = t_start = time.perf_counter()
+    window = LogWindow(
+        ("loss", "loss_itc", "loss_itm"), device, world_size=info.world_size, start_step=start_step
+    )
     epoch, batch_iter = 0, None
+    if rng_to_restore is not None:
+        set_rng_state(rng_to_restore)  # the run continues the saved random streams (dropout, masking, ITM)
     with monitor.redirect_logging():
-        for step in range(total_steps):
+        for step in range(start_step, total_steps):
             epoch = step // steps_per_epoch
-            if step % steps_per_epoch == 0:
+            if step % steps_per_epoch == 0 or batch_iter is None:
                 sampler.set_epoch(epoch)
+                sampler.set_start(step % steps_per_epoch * accum)  # resumed mid-epoch: skip what was trained
                 batch_iter = iter(loader)
             lr = lr_at(
                 step,
@@ -245,57 +324,57 @@ def finetune_retrieval(cfg: Config) -> dict:
                 feats_i.append(out.image_feat_m)
                 feats_t.append(out.text_feat_m)
                 ids.append(out.idx)
-                acc += torch.stack([out.loss, out.loss_itc, out.loss_itm]).detach().float()
-                acc_n += 1
-                samples_window += batch["image"].shape[0]
+                window.add([out.loss, out.loss_itc, out.loss_itm], batch["image"].shape[0])
             model.enqueue(torch.cat(feats_i), torch.cat(feats_t), torch.cat(ids))
             done = step + 1
             result["steps"] = done
-            steps_window += 1
+            window.step()
             monitor.step()
             if done % cfg.train.log_every == 0 or done == total_steps:
-                vals = (acc / acc_n).tolist()  # the one host sync per log window
-                if not all(math.isfinite(v) for v in vals):
-                    raise FloatingPointError(f"non-finite loss at step {done} on rank {info.rank}: {vals}")
-                dt = time.perf_counter() - t_window
+                stats = window.read(done, total_steps, info.rank)  # the one host sync per log window
+                eta = stats.pop("eta_s")
                 rec = {
                     "event": "train",
                     "step": done,
                     "epoch": epoch,
                     "lr": lr,
                     "alpha": alpha,
-                    "loss": vals[0],
-                    "loss_itc": vals[1],
-                    "loss_itm": vals[2],
+                    **stats,
                     "temp": float(model.clamped_temp().item()),
-                    "samples_per_s": samples_window * info.world_size / dt,
-                    "step_time_s": dt / steps_window,
-                    "peak_mem_gb": peak_memory_gb(device),
                 }
                 result["last"] = rec
                 monitor.train(rec)
                 if is_main:
-                    eta = (time.perf_counter() - t_start) / done * (total_steps - done)
                     log.info(
                         "step %d/%d  loss %.3f (itc %.3f itm %.3f)  lr %.2e  alpha %.2f  %.1f samples/s  "
                         "eta %.0fs",
                         done,
                         total_steps,
-                        vals[0],
-                        vals[1],
-                        vals[2],
+                        rec["loss"],
+                        rec["loss_itc"],
+                        rec["loss_itm"],
                         lr,
                         alpha,
                         rec["samples_per_s"],
                         eta,
                     )
-                acc.zero_()
-                acc_n = samples_window = steps_window = 0
-                t_window = time.perf_counter()
             epoch_done = done % steps_per_epoch == 0
             if (epoch_done and (epoch + 1) % f.eval_every == 0) or done == total_steps:
                 end_of_epoch(epoch, done)
+            stop = done == cfg.train.stop_at_step
+            if done < total_steps and (
+                stop or (cfg.train.save_every > 0 and done % cfg.train.save_every == 0)
+            ):
+                save_resumable(done)
+            if stop and done < total_steps:
+                log.warning("stopped after step %d with a checkpoint (train.stop_at_step)", done)
+                result["preempted"] = True
+                break
     monitor.close_bar()
+    if result.get("preempted"):
+        monitor.close()
+        engine.barrier()
+        return result
 
     result["best_epoch"], result["best_step"] = best["epoch"], best["step"]
     result["best_val_r_mean"] = best["r_mean"]

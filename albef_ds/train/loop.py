@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import signal
 import time
@@ -35,7 +34,7 @@ from .checkpoint import (
 )
 from .dist_env import DistInfo, world_info_from_env
 from .ds_config import build_ds_config, global_batch, scaled_lr
-from .monitor import Monitor, peak_memory_gb
+from .monitor import LogWindow, Monitor
 from .schedule import alpha_at, lr_at
 
 log = logging.getLogger(__name__)
@@ -166,7 +165,22 @@ def _batches(loader, sampler, start_epoch: int = 0, start_batch: int = 0):
         epoch, done = epoch + 1, 0
 
 
-def _resume_tag(resume: str, root: Path) -> str | None:
+def save_resumable_checkpoint(
+    engine, root: Path, tag: str, client: dict, *, rank: int, keep_last: int
+) -> None:
+    """Every rank: the engine's state, its RNG state; rank 0: the client file, then (after a barrier, once
+    every rank has written its part) `latest` moves to `tag` and old checkpoints beyond keep_last go."""
+    engine.save(root, tag, client)
+    atomic_torch_save(rng_state(), root / tag / f"rng_rank{rank}.pt")
+    if rank == 0:
+        write_client(root / tag, client)
+    engine.barrier()
+    if rank == 0:
+        publish(root, tag, keep_last)
+        log.info("checkpoint %s complete", root / tag)
+
+
+def resume_tag(resume: str, root: Path) -> str | None:
     if not resume:
         return None
     if resume == "auto":
@@ -237,7 +251,7 @@ def pretrain(cfg: Config) -> dict:
     model = build_model(cfg, tokenizer, **gather_kwargs).to(device)
     log.info("ALBEF: %.2fM trainable parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     ckpt_root = out_dir / "checkpoints"
-    tag = _resume_tag(cfg.train.resume, ckpt_root)
+    tag = resume_tag(cfg.train.resume, ckpt_root)
     saved = read_client(ckpt_root / tag) if tag else None
     # A checkpoint from another rank count goes through DeepSpeed's universal format (decided before the
     # engine exists: it is an engine setting).
@@ -361,26 +375,23 @@ def pretrain(cfg: Config) -> dict:
             "data_seed": cfg.train.seed,
             "config": config_to_dict(cfg),
         }
-        engine.save(ckpt_root, tag_now, client)
-        atomic_torch_save(rng_state(), ckpt_root / tag_now / f"rng_rank{info.rank}.pt")
-        if is_main:
-            write_client(ckpt_root / tag_now, client)
-        engine.barrier()  # every rank has written its part before `latest` moves
-        if is_main:
-            publish(ckpt_root, tag_now, cfg.train.keep_last)
-            log.info("checkpoint %s complete", ckpt_root / tag_now)
+        save_resumable_checkpoint(
+            engine, ckpt_root, tag_now, client, rank=info.rank, keep_last=cfg.train.keep_last
+        )
 
     if cfg.train.eval_at_start and not tag:
         evaluate("before")
 
     model.train()
     # Metrics accumulate on the device and are read every log_every steps: no host sync in between.
-    acc = torch.zeros(4, device=device)
-    acc_n = 0
+    window = LogWindow(
+        ("loss", "loss_itc", "loss_itm", "loss_mlm"),
+        device,
+        world_size=info.world_size,
+        start_step=start_step,
+    )
     skipped = 0
-    samples_window = steps_window = 0
     seen: list[tuple[int, torch.Tensor]] = []  # (epoch, sample indices) this rank trained on
-    t_window = t_start = time.perf_counter()
     batches = _batches(loader, sampler, start_epoch, start_batch)
     if rng_to_restore is not None:
         set_rng_state(rng_to_restore)  # after the loader exists: the run continues the saved random streams
@@ -418,61 +429,45 @@ def pretrain(cfg: Config) -> dict:
                 engine.micro_step(out.loss, last=micro == accum - 1)
                 feats_i.append(out.image_feat_m)
                 feats_t.append(out.text_feat_m)
-                acc += torch.stack([out.loss, out.loss_itc, out.loss_itm, out.loss_mlm]).detach().float()
-                acc_n += 1
-                samples_window += image.shape[0]
+                window.add([out.loss, out.loss_itc, out.loss_itm, out.loss_mlm], image.shape[0])
                 if cfg.train.record_samples:
                     seen.append((epoch, batch["index"]))
             # One enqueue (one all-gather) per optimizer step, of every micro-batch's momentum features.
             model.enqueue(torch.cat(feats_i), torch.cat(feats_t))
             done = step + 1
             result["steps"] = done
-            steps_window += 1
+            window.step()
             monitor.step()
             if done % cfg.train.log_every == 0 or done == total_steps:
-                vals = (acc / acc_n).tolist()  # the one host sync per log window
-                if not all(math.isfinite(v) for v in vals):
-                    raise FloatingPointError(f"non-finite loss at step {done} on rank {info.rank}: {vals}")
-                dt = time.perf_counter() - t_window
+                stats = window.read(done, total_steps, info.rank)  # the one host sync per log window
+                eta = stats.pop("eta_s")
                 rec = {
                     "event": "train",
                     "step": done,
                     "epoch": epoch,
                     "lr": lr,
                     "alpha": alpha,
-                    "loss": vals[0],
-                    "loss_itc": vals[1],
-                    "loss_itm": vals[2],
-                    "loss_mlm": vals[3],
+                    **stats,
                     "temp": float(model.clamped_temp().item()),
-                    "samples_per_s": samples_window * info.world_size / dt,
-                    "step_time_s": dt / steps_window,
-                    "peak_mem_gb": peak_memory_gb(device),
                     "skipped_images": skipped,
                 }
                 result["last"] = rec
                 monitor.train(rec)
                 if is_main:
-                    eta = (time.perf_counter() - t_start) / (done - start_step) * (total_steps - done)
                     log.info(
                         "step %d/%d  loss %.3f (itc %.3f itm %.3f mlm %.3f)  lr %.2e  alpha %.2f  "
                         "%.1f samples/s  eta %.0fs",
                         done,
                         total_steps,
-                        vals[0],
-                        vals[1],
-                        vals[2],
-                        vals[3],
+                        rec["loss"],
+                        rec["loss_itc"],
+                        rec["loss_itm"],
+                        rec["loss_mlm"],
                         lr,
                         alpha,
                         rec["samples_per_s"],
                         eta,
                     )
-                acc.zero_()
-                acc_n = 0
-                samples_window = 0
-                steps_window = 0
-                t_window = time.perf_counter()
             # The signal vote is read STOP_VOTE_LAG steps late (no per-step stall); a planned stop is known
             # to every rank at once.
             preempt = engine.stop_vote(stop.received is not None) or done == cfg.train.stop_at_step

@@ -17,8 +17,10 @@ import atexit
 import contextlib
 import json
 import logging
+import math
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -63,7 +65,14 @@ class Monitor:
     }
 
     def __init__(
-        self, out_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int, start_step: int
+        self,
+        out_dir: Path,
+        *,
+        enabled: bool,
+        tensorboard: bool,
+        total_steps: int,
+        start_step: int,
+        desc: str = "pretrain",
     ) -> None:
         self.enabled = enabled
         self.metrics = MetricsFile(out_dir / "metrics.jsonl") if enabled else None
@@ -89,7 +98,7 @@ class Monitor:
         self.bar = tqdm(
             total=total_steps,
             initial=start_step,
-            desc="pretrain",
+            desc=desc,
             unit="step",
             dynamic_ncols=True,
             mininterval=1.0 if tty else 30.0,  # a log file gets a line every 30 s, not a flood
@@ -143,3 +152,47 @@ class Monitor:
             self.tb.flush()
             self.tb.close()
             self.tb = None
+
+
+class LogWindow:
+    """Losses summed on the device between log records (read once per window: the only host sync), with
+    the window's sample and step counts for samples/s and step time, and the run's ETA.
+
+    `add(losses, samples)` per micro-batch, `step()` per optimizer step, `read(...)` at a log step returns
+    the record fields (mean of each loss by name, samples/s over all ranks, step time, peak memory, ETA) and
+    starts a new window. A non-finite mean is a FloatingPointError naming the step and the rank."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device, *, world_size: int, start_step: int):
+        self.names = names
+        self.device = device
+        self.world_size = world_size
+        self.start_step = start_step
+        self.acc = torch.zeros(len(names), device=device)
+        self.n = self.samples = self.steps = 0
+        self.t_window = self.t_start = time.perf_counter()
+
+    def add(self, losses: list[torch.Tensor], samples: int) -> None:
+        self.acc += torch.stack(losses).detach().float()
+        self.n += 1
+        self.samples += samples
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def read(self, done: int, total_steps: int, rank: int) -> dict:
+        vals = (self.acc / max(self.n, 1)).tolist()
+        if not all(math.isfinite(v) for v in vals):
+            raise FloatingPointError(
+                f"non-finite loss at step {done} on rank {rank}: {dict(zip(self.names, vals))}"
+            )
+        now = time.perf_counter()
+        dt = now - self.t_window
+        rec = dict(zip(self.names, vals))
+        rec["samples_per_s"] = self.samples * self.world_size / dt
+        rec["step_time_s"] = dt / max(self.steps, 1)
+        rec["peak_mem_gb"] = peak_memory_gb(self.device)
+        eta = (now - self.t_start) / max(done - self.start_step, 1) * (total_steps - done)
+        self.acc.zero_()
+        self.n = self.samples = self.steps = 0
+        self.t_window = time.perf_counter()
+        return {**rec, "eta_s": eta}
