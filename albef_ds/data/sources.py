@@ -82,10 +82,11 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageChe
         return ImageCheck(f"{fmt} image with size {w}x{h}", w, h, fmt)
     if w * h > max_pixels:
         return ImageCheck(f"too large: {w}x{h} = {w * h} pixels > max {max_pixels}", w, h, fmt)
-    tail = data[-1024:]
-    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+    # Entropy-coded JPEG data never holds FF D9 (FF bytes are stuffed), so an end-of-image marker after the
+    # last start-of-scan exists in every complete file, trailers (phone metadata, padding) or not.
+    if fmt == "JPEG" and data.find(b"\xff\xd9", max(data.rfind(b"\xff\xda"), 0)) < 0:
         return ImageCheck("truncated JPEG (no end-of-image marker)", w, h, fmt)
-    if fmt == "PNG" and b"IEND" not in tail:
+    if fmt == "PNG" and data.rfind(b"IEND") < 0:
         return ImageCheck("truncated PNG (no IEND chunk)", w, h, fmt)
     return ImageCheck("", w, h, fmt, mode in _DALI_MODES.get(fmt, ()))
 
@@ -463,11 +464,16 @@ def validate_source(
         "unreadable": [],
         "undecodable": [],
     }
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        results: Iterator = pool.map(one, range(len(source)), chunksize=64)
-        for kind, name, why in tqdm(
-            results, total=len(source), desc="validate", unit="img", disable=not progress
-        ):
+
+    def results() -> Iterator[tuple[str, str, str]]:
+        # Blocks of indices, so that a corpus of millions never has millions of pending futures.
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            for start in range(0, len(source), 4096):
+                yield from pool.map(one, range(start, min(start + 4096, len(source))))
+
+    with tqdm(total=len(source), desc="validate", unit="img", disable=not progress) as bar:
+        for kind, name, why in results():
+            bar.update(1)
             if kind == "ok":
                 report["ok"] += 1
             else:

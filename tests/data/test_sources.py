@@ -92,6 +92,10 @@ def test_inspect_image_reasons() -> None:
     assert inspect_image(png).dali_native
     assert not inspect_image(kinds["grey16.png"][0]).dali_native  # DALI would not scale 16-bit like PIL
     assert not inspect_image(kinds["anim.gif"][0]).dali_native
+    # Bytes after the end marker (phone metadata trailers, padding) do not make a JPEG truncated.
+    trailer = kinds["good.jpg"][0] + b"SEFH" + bytes(range(256)) * 40
+    assert inspect_image(trailer).ok
+    assert decode_rgb(trailer).size == (80, 60)
     chk = inspect_image(_enc(_photo(), "PNG")[:-20])
     assert "truncated PNG" in chk.reason
     for name in ("cmyk.jpg", "grey.jpg", "rgba.png", "palette.png", "grey16.png", "anim.gif"):
