@@ -381,7 +381,6 @@ class DaliImageTextLoader:
         self.with_idx = with_idx
         self.prefetch = max(1, prefetch)
         self._pipe = None
-        self.skipped_total = 0
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
@@ -470,14 +469,12 @@ class DaliImageTextLoader:
 
     def _batch(self, prep: _Prepared) -> dict:
         if not prep.index:
-            self.skipped_total += prep.skipped
             empty = torch.zeros(
                 (0, 3, self.image_size, self.image_size), device=self.device, dtype=self.dtype
             )
             return empty_batch(prep.skipped, empty, self.with_idx)
         images, rows = self._images(prep)
         skipped = prep.skipped + len(prep.index) - len(rows)
-        self.skipped_total += skipped
         sel = torch.tensor(rows, dtype=torch.long)
         batch = {
             "image": images.to(self.dtype),

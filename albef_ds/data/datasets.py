@@ -87,13 +87,6 @@ def load_annotations(path: str | Path, image_root: str = "") -> list[dict]:
     return out
 
 
-def _open_rgb(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()  # decode now, so truncated files fail here rather than inside the transform
-        # Palette / RGBA / LA / CMYK / 16-bit grey all become 3-channel RGB (alpha is dropped).
-        return img.convert("RGB")
-
-
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     # Mix (seed, epoch, index) so neighbouring samples get unrelated RNG streams. Shape: one 63-bit int.
     mask = (1 << 64) - 1
@@ -105,7 +98,8 @@ class ImageTextDataset(Dataset):
     """Pre-training pairs from JSON lists and/or webdataset shards (see `sources.open_source`), or a source.
 
     `__getitem__(i)` returns ``{"image": FloatTensor [3, S, S], "caption": str, "index": i}`` (one caption
-    drawn at random when the entry has several) or None when the image cannot be used (missing, unreadable,
+    drawn at random when the entry has several; with `with_idx` also "idx": `source.image_id(i)`, the image
+    number retrieval fine-tuning compares) or None when the image cannot be used (missing, unreadable,
     empty, not an image, truncated, too large: logged with its path and reason).
 
     With `seed` set, each sample's random draws (caption choice, crop, flip, RandAugment) come from an RNG
@@ -123,6 +117,7 @@ class ImageTextDataset(Dataset):
         max_words: int,
         seed: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        with_idx: bool = False,
     ) -> None:
         if isinstance(ann_files, ImageTextSource):
             self.source = ann_files
@@ -132,6 +127,7 @@ class ImageTextDataset(Dataset):
         self.transform = transform
         self.max_words = max_words
         self.max_pixels = max_pixels
+        self.with_idx = with_idx
         self.seed = seed
         self.epoch = 0
         logger.info("image-text dataset: %d pairs", len(self.source))
@@ -161,7 +157,10 @@ class ImageTextDataset(Dataset):
         if isinstance(caption, tuple):
             caption = rng.choice(caption)
         text = clean_caption(caption, self.max_words)
-        return {"image": self.transform(img), "caption": text, "index": index}
+        out = {"image": self.transform(img), "caption": text, "index": index}
+        if self.with_idx:
+            out["idx"] = self.source.image_id(index)
+        return out
 
 
 def load_image(
@@ -191,24 +190,29 @@ def empty_batch(skipped: int, image: torch.Tensor | None = None, with_idx: bool 
 
 
 class ImageTextCollator:
-    """List of samples (None = unreadable image) -> the batch format; tokenises inside the worker."""
+    """List of samples (None = unreadable image) -> the batch format; tokenises inside the worker.
+    `with_idx`: the batch also carries "idx", LongTensor [B] image numbers."""
 
-    def __init__(self, tokenizer: TextTokenizer) -> None:
+    def __init__(self, tokenizer: TextTokenizer, with_idx: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.with_idx = with_idx
 
     def __call__(self, samples: list[dict | None]) -> dict:
         kept = [s for s in samples if s is not None]
         skipped = len(samples) - len(kept)
         if not kept:
-            return empty_batch(skipped)
+            return empty_batch(skipped, with_idx=self.with_idx)
         text = self.tokenizer([s["caption"] for s in kept])  # input_ids / attention_mask [B, L]
-        return {
+        out = {
             "image": torch.stack([s["image"] for s in kept]),  # [B, 3, S, S]
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),  # [B]
             "num_skipped": skipped,
         }
+        if self.with_idx:
+            out["idx"] = torch.tensor([s["idx"] for s in kept], dtype=torch.long)  # [B]
+        return out
 
 
 # --------------------------------------------------------------------------------------------- sampler
@@ -310,15 +314,13 @@ def build_train_loader(
     num_workers: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    make_dataset: Callable[[Callable], Dataset] | None = None,
-    collate_fn: Callable | None = None,
     with_idx: bool = False,
 ):
     """A training loader over `source` and its `ShardedEpochSampler`, as `data_cfg.loader` says.
 
-    "dali": `dali.DaliImageTextLoader` (batches on `device` in `dtype`; "idx" = `source.image_id` when
-    `with_idx`). "torch": a DataLoader over `make_dataset(transform)` (default `ImageTextDataset`) with
-    `collate_fn` (default `ImageTextCollator`). Both use the pre-training transform of `data_cfg`
+    "dali": `dali.DaliImageTextLoader` (batches on `device` in `dtype`). "torch": a DataLoader over an
+    `ImageTextDataset` with `ImageTextCollator`. With `with_idx` the batches carry "idx" =
+    `source.image_id` (retrieval fine-tuning). Both use the pre-training transform of `data_cfg`
     (crop_scale, hflip, RandAugment) at `image_size` and drop the last partial batch.
     """
     workers = data_cfg.num_workers if num_workers is None else num_workers
@@ -351,16 +353,14 @@ def build_train_loader(
         )
     else:
         transform = pretrain_transform(image_size, **aug)
-        if make_dataset is None:
-            dataset = ImageTextDataset(
-                source,
-                transform=transform,
-                max_words=data_cfg.max_words,
-                seed=seed,
-                max_pixels=data_cfg.max_image_pixels,
-            )
-        else:
-            dataset = make_dataset(transform)
+        dataset = ImageTextDataset(
+            source,
+            transform=transform,
+            max_words=data_cfg.max_words,
+            seed=seed,
+            max_pixels=data_cfg.max_image_pixels,
+            with_idx=with_idx,
+        )
         sampler = ShardedEpochSampler(
             len(dataset),
             rank=rank,
@@ -375,7 +375,7 @@ def build_train_loader(
             batch_size=batch_size,
             sampler=sampler,
             num_workers=workers,
-            collate_fn=collate_fn or ImageTextCollator(tokenizer),
+            collate_fn=ImageTextCollator(tokenizer, with_idx),
             drop_last=True,
             pin_memory=False,
             persistent_workers=False,  # workers must be re-created per epoch to see the dataset's new epoch
@@ -425,8 +425,9 @@ class EvalImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path = self.paths[i]
         try:
-            img = _open_rgb(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            with open(path, "rb") as f:
+                img = decode_rgb(f.read())
+        except (OSError, BadImage) as e:
             # Eval sets must be complete: a silently skipped image would shift every recall figure.
             raise RuntimeError(f"evaluation image {path} (image {i}) could not be read: {e}") from e
         return self.transform(img), i

@@ -18,12 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import Dataset
-
-from .datasets import ImageTextCollator, _sample_seed, build_train_loader, load_annotations, load_image
-from .sources import DEFAULT_MAX_PIXELS, JsonListSource
-from .text import TextTokenizer, clean_caption
+from .datasets import build_train_loader, load_annotations
+from .sources import JsonListSource
+from .text import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +78,9 @@ def check_karpathy_eval(path: str | Path) -> None:
             raise ValueError(f"{where}: field 'caption' must be a non-empty list of str, got {cap!r:.80}")
 
 
-def _karpathy_train_source(files: list[str], image_root: str) -> tuple[JsonListSource, int]:
-    """Karpathy train files -> (source whose image_id(i) is the image number, number of images)."""
+def _karpathy_train_source(files: list[str], image_root: str) -> JsonListSource:
+    """Karpathy train files -> a source whose image_id(i) is the image number: image ids (any str/int)
+    numbered 0..n_images-1 in order of first appearance across the files (what ITC and ITM compare)."""
     if not files:
         raise ValueError("finetune.train_file is empty: give one or more Karpathy train JSON files")
     entries, numbers, ids = [], [], {}
@@ -94,62 +92,7 @@ def _karpathy_train_source(files: list[str], image_root: str) -> tuple[JsonListS
     if len(ids) >= MAX_IMAGE_IDS:
         raise ValueError(f"{len(ids)} distinct image ids in {files}: at most {MAX_IMAGE_IDS - 1} supported")
     logger.info("retrieval train set: %d captions of %d images from %s", len(entries), len(ids), files)
-    return JsonListSource(entries, numbers), len(ids)
-
-
-class RetrievalTrainDataset(Dataset):
-    """Karpathy train pairs -> {"image": [3, S, S], "caption": str, "index": i, "idx": image number}.
-
-    `source` comes from `_karpathy_train_source`: image ids (any str/int) numbered 0..n_images-1 in order of
-    first appearance across the files; `idx` is that number (what ITC and ITM compare). Seeded per (seed,
-    epoch, index) like the pre-training set, so an epoch is reproducible whatever the number of workers.
-    None for an unusable image.
-    """
-
-    def __init__(
-        self,
-        source: JsonListSource,
-        *,
-        transform,
-        max_words: int,
-        seed: int,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-    ) -> None:
-        self.source = source
-        self.transform = transform
-        self.max_words = max_words
-        self.max_pixels = max_pixels
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> dict | None:
-        s = _sample_seed(self.seed, self.epoch, index)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(s)
-            img = load_image(self.source, index, self.max_pixels)
-            if img is None:
-                return None
-            return {
-                "image": self.transform(img),
-                "caption": clean_caption(self.source.caption(index), self.max_words),
-                "index": index,
-                "idx": self.source.image_id(index),
-            }
-
-
-class RetrievalCollator(ImageTextCollator):
-    """The pre-training batch format plus "idx": LongTensor [B] image numbers."""
-
-    def __call__(self, samples: list[dict | None]) -> dict:
-        out = super().__call__(samples)
-        out["idx"] = torch.tensor([s["idx"] for s in samples if s is not None], dtype=torch.long)
-        return out
+    return JsonListSource(entries, numbers)
 
 
 def build_retrieval_train_loader(cfg, tokenizer: TextTokenizer, **kwargs):
@@ -157,27 +100,9 @@ def build_retrieval_train_loader(cfg, tokenizer: TextTokenizer, **kwargs):
     (random resized crop with data.crop_scale, flip, RandAugment), sharded over ranks, drop_last; batches
     carry "idx" (image numbers). Through DALI when data.loader = dali, else PIL + torchvision workers; the
     keywords are `datasets.build_train_loader`'s (batch_size, seed, rank, world_size, device, dtype)."""
-    d = cfg.data
-    source, _ = _karpathy_train_source(list(cfg.finetune.train_file), cfg.finetune.image_root)
-
-    def make_dataset(transform):
-        return RetrievalTrainDataset(
-            source,
-            transform=transform,
-            max_words=d.max_words,
-            seed=kwargs["seed"],
-            max_pixels=d.max_image_pixels,
-        )
-
+    source = _karpathy_train_source(list(cfg.finetune.train_file), cfg.finetune.image_root)
     return build_train_loader(
-        source,
-        d,
-        tokenizer,
-        image_size=cfg.model.vision.image_size,
-        make_dataset=make_dataset,
-        collate_fn=RetrievalCollator(tokenizer),
-        with_idx=True,
-        **kwargs,
+        source, cfg.data, tokenizer, image_size=cfg.model.vision.image_size, with_idx=True, **kwargs
     )
 
 
