@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -387,11 +388,36 @@ def convert_to_universal(src: Path, dst: Path) -> Path:
     return dst
 
 
+# DeepSpeed's CPU backend gives each rank a POSIX shared-memory segment (about 66 MB) for its shared-memory
+# all-reduce, named after MASTER_ADDR, MASTER_PORT and the rank, and never unlinks it: every CPU run used
+# to leave /dev/shm/deepspeed_allreduce_buffer_* behind, holding RAM until reboot (a test suite's worth
+# filled a 24 GiB machine), and a later run on the same port could map a peer's stale segment.
+DS_SHM_PREFIX = "deepspeed_allreduce_buffer"
+SHM_DIR = Path("/dev/shm")
+
+
+def ds_shm_segment(rank: int, environ: Mapping[str, str] | None = None) -> Path:
+    """The path of `rank`'s DeepSpeed shared-memory segment for the rendezvous in `environ`."""
+    env = os.environ if environ is None else environ
+    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+    return SHM_DIR / f"{DS_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
+
+
 def init_distributed(info: DistInfo, device: torch.device) -> None:
-    """Form the process group (gloo on CPU, nccl on GPU) from the discovered rank variables."""
+    """Form the process group (gloo on CPU, nccl on GPU) from the discovered rank variables.
+
+    On CPU each rank unlinks its own DeepSpeed shared-memory segment twice: before the rendezvous (a stale
+    one from an earlier run on this port, so no peer maps it) and after a barrier that follows DeepSpeed's
+    set-up (every peer has mapped it by then; the mappings live on until the processes exit, and nothing
+    is left in /dev/shm, even if the run is killed later)."""
     import deepspeed
 
     info.export()
-    deepspeed.init_distributed(
-        dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False
-    )
+    segment = ds_shm_segment(info.rank)
+    cpu = device.type != "cuda"
+    if cpu:
+        segment.unlink(missing_ok=True)
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", auto_mpi_discovery=False)
+    if cpu:
+        torch.distributed.barrier()
+        segment.unlink(missing_ok=True)
