@@ -134,7 +134,10 @@ cmd_start() {
     fi
     write_conf
     start_munge
-    pid_alive /run/slurmctld.pid || slurmctld
+    # -c: a controller that is not running has no live jobs; without it, jobs of a run that was killed come
+    # back from the saved state as running, hold both nodes until slurmctld notices they are gone (minutes),
+    # then are requeued and run again.
+    pid_alive /run/slurmctld.pid || slurmctld -c
     for n in "${NODES[@]}"; do
         pid_alive "/run/slurmd-$n.pid" || slurmd -N "$n"
     done
