@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -396,10 +396,9 @@ DS_SHM_PREFIX = "deepspeed_allreduce_buffer"
 SHM_DIR = Path("/dev/shm")
 
 
-def ds_shm_segment(rank: int, environ: Mapping[str, str] | None = None) -> Path:
-    """The path of `rank`'s DeepSpeed shared-memory segment for the rendezvous in `environ`."""
-    env = os.environ if environ is None else environ
-    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+def ds_shm_segment(rank: int) -> Path:
+    """The path of `rank`'s DeepSpeed shared-memory segment for the rendezvous in os.environ."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     return SHM_DIR / f"{DS_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
 
 
