@@ -12,6 +12,8 @@ PACKAGES = [
     "albef_ds.model",
     "albef_ds.data",
     "albef_ds.train",
+    "albef_ds.train.checkpoint",
+    "albef_ds.tasks",
     "albef_ds.eval",
     "albef_ds.bench",
     "albef_ds.kernels",

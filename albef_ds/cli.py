@@ -1,11 +1,11 @@
-"""`albef-ds` command line: pretrain, evaluate (ITC; `evaluate retrieval`: ITC + ITM re-rank), finetune
-retrieval, export, data synth / synth-retrieval / shard / validate."""
+"""`albef-ds` command line: pretrain, finetune TASK, evaluate TASK, export, bench throughput, data synth /
+synth-retrieval / shard / validate, launch slurm. Each sub-command names its function
+(`set_defaults(func=...)`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from .config import ConfigError, load_config
@@ -25,6 +25,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 _DEFAULT_CONFIG = {"bench": "configs/pretrain_4m.yaml"}
 
 
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--checkpoint", default="", help="weights to evaluate (default: model.albef_init)")
+    p.add_argument("--split-file", default="", help="JSON to evaluate on (default: data.eval_file)")
+    p.add_argument("--output", default="", help="also write the metrics JSON to this file")
+    p.add_argument(
+        "--tensorboard", default="", help="TensorBoard folder (default: <train.output_dir>/tensorboard)"
+    )
+    p.add_argument("--step", type=int, default=0, help="TensorBoard step of these metrics (default 0)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="albef-ds",
@@ -36,53 +48,48 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pretrain",
         help="pre-train ALBEF (ITC + ITM + MLM with momentum distillation)",
-        description="Pre-train ALBEF on the configured JSON lists; writes the resolved config, metrics.jsonl,"
-        " "
-        "rank<N>.json, resumable checkpoints (train.save_every) and checkpoint.pt into train.output_dir. "
+        description="Pre-train ALBEF on the configured JSON lists or shards (the pretrain task on the one "
+        "trainer); writes the resolved config, metrics.jsonl, rank<N>.json, resumable checkpoints "
+        "(train.save_every), checkpoint.pt and results.json into train.output_dir. "
         "train.engine=torch runs one process; train.engine=deepspeed runs ZeRO-2 on the ranks a launcher "
         "started (deepspeed, torchrun, srun or mpirun). SIGTERM/SIGUSR1 checkpoint and exit with status 85 "
-        "(requeue); train.resume=auto continues from the newest complete checkpoint.",
+        "(requeue); train.resume=auto continues from the newest complete checkpoint, on any rank count.",
     )
     _add_config_args(p)
+    p.set_defaults(func=_cmd_train, task="pretrain")
 
     p = sub.add_parser(
         "evaluate",
-        help="ITC image-text retrieval R@1/5/10 on data.eval_file ('evaluate retrieval': + ITM re-rank)",
-        description="Evaluate a checkpoint (ours or a released ALBEF one) by ITC retrieval on "
-        "data.eval_file; prints JSON. `albef-ds evaluate retrieval ...` (see its --help) adds the ITM "
-        "re-ranking of the top-k and runs on every rank a launcher started.",
+        help="evaluate any checkpoint with a task's evaluation (pretrain: ITC; retrieval: + ITM re-rank)",
+        description="Evaluate weights with a task's evaluation, on one process or every rank a launcher "
+        "started. The checkpoint may be a DeepSpeed checkpoint folder, a checkpoints folder, a run folder, "
+        "checkpoint.pt, an exported .safetensors or a released ALBEF .pth; position embeddings are "
+        "resampled to model.vision.image_size. Prints JSON.",
     )
-    _add_config_args(p)
-    p.add_argument("--checkpoint", default="", help="checkpoint to evaluate (default: random init)")
-    p.add_argument("--output", default="", help="also write the metrics JSON to this file")
+    esub = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    e = esub.add_parser(
+        "pretrain",
+        help="ITC image-text retrieval R@1/5/10 on data.eval_file (rank 0)",
+        description="ITC retrieval (no re-ranking) of the checkpoint on data.eval_file (or --split-file).",
+    )
+    _add_eval_args(e)
+    e = esub.add_parser(
+        "retrieval",
+        help="ITC top-k + ITM re-rank retrieval, distributed over the ranks",
+        description="Image-text retrieval with ITM re-ranking: every rank encodes its share of the images "
+        "and texts, the ITC similarities give each image's top-k texts and each text's top-k images, and "
+        "those are re-scored by the ITM head (final score: the ITM logit inside the top-k; outside it the "
+        "ITC order, below). TR/IR R@1/5/10 and r_mean (and itc_* without re-ranking); rank 0 writes "
+        "--output and TensorBoard scalars.",
+    )
+    _add_eval_args(e)
+    e.add_argument("--k-test", type=int, default=0, help="re-rank depth (default: eval.k_test)")
+    e.add_argument("--save-scores", default="", help="also save the score matrices (torch file)")
 
-    # `albef-ds evaluate retrieval` (main() maps it here: a sub-command of `evaluate` would clash with
-    # evaluate's own positional overrides).
     p = sub.add_parser(
-        "evaluate-retrieval",
-        prog="albef-ds evaluate retrieval",
-        description="Image-text retrieval with ITM re-ranking: every rank (deepspeed / torchrun / srun / "
-        "mpirun, or one process) encodes its share of the images and texts, the ITC similarities give "
-        "each image's top-k texts and each text's top-k images, and those are re-scored by the ITM head "
-        "(final score: the ITM logit inside the top-k; outside it the ITC order, below). Prints JSON with "
-        "TR/IR R@1/5/10 and r_mean (and itc_* without re-ranking); rank 0 writes --output and TensorBoard "
-        "scalars. The checkpoint may be a DeepSpeed checkpoint folder, a run folder, checkpoint.pt, an "
-        "exported .safetensors or a released ALBEF .pth; position embeddings are resampled to "
-        "model.vision.image_size.",
+        "finetune", help="fine-tuning tasks", description="Fine-tuning tasks on the one trainer."
     )
-    _add_config_args(p)
-    p.add_argument("--checkpoint", default="", help="weights to evaluate (default: model.albef_init)")
-    p.add_argument("--split-file", default="", help="JSON to evaluate on (default: data.eval_file)")
-    p.add_argument("--k-test", type=int, default=0, help="re-rank depth (default: eval.k_test)")
-    p.add_argument("--output", default="", help="also write the metrics JSON to this file")
-    p.add_argument(
-        "--tensorboard", default="", help="TensorBoard folder (default: <train.output_dir>/tensorboard)"
-    )
-    p.add_argument("--save-scores", default="", help="also save the score matrices (torch file)")
-    p.add_argument("--step", type=int, default=0, help="TensorBoard step of these metrics (default 0)")
-
-    p = sub.add_parser("finetune", help="fine-tuning tasks", description="Fine-tuning tasks.")
-    fsub = p.add_subparsers(dest="finetune_command", required=True, metavar="TASK")
+    fsub = p.add_subparsers(dest="task", required=True, metavar="TASK")
     f = fsub.add_parser(
         "retrieval",
         help="image-text retrieval fine-tuning (COCO / Flickr30K Karpathy splits)",
@@ -91,9 +98,11 @@ def _parser() -> argparse.ArgumentParser:
         "same-image-id positives and momentum distillation, ITM with hard negatives excluding same-id "
         "items. Validates every finetune.eval_every epochs (ITC top-k + ITM re-rank), keeps the best "
         "val r_mean in checkpoint_best.pt and evaluates the test split with it at the end (results.json). "
-        "train.engine=torch (one process) or deepspeed (ZeRO-2, any number of ranks).",
+        "train.engine=torch (one process) or deepspeed (ZeRO-2, any number of ranks); SIGTERM/SIGUSR1 "
+        "checkpoint and exit 85, train.resume=auto continues (on any rank count).",
     )
     _add_config_args(f)
+    f.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
         "export",
@@ -105,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", help="checkpoint folder, run folder or checkpoint.pt")
     p.add_argument("--output", "-o", required=True, help="output file (.safetensors)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
@@ -131,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: known GPUs)")
     b.add_argument("--tensorboard", action="store_true", help="also write the numbers as TensorBoard scalars")
     b.add_argument("--profile", action="store_true", help="also write a torch profiler trace (.trace.json)")
+    b.set_defaults(func=_cmd_bench_throughput)
 
     p = sub.add_parser("data", help="data utilities", description="Data utilities.")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -143,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_args(s)
     s.add_argument("--force", action="store_true", help="regenerate even if a complete set exists")
+    s.set_defaults(func=_cmd_synth)
     s = dsub.add_parser(
         "synth-retrieval",
         help="the synthetic set in the Karpathy retrieval layout (finetune.*_file)",
@@ -151,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
         "finetune.test_file (the held-out images split in two, caption lists).",
     )
     _add_config_args(s)
+    s.set_defaults(func=_cmd_synth_retrieval)
     s = dsub.add_parser(
         "shard",
         help="convert JSON image-text lists into webdataset tar shards",
@@ -167,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
     s.add_argument("--prefix", default="shard", help="shard file name prefix")
+    s.set_defaults(func=_cmd_shard)
     s = dsub.add_parser(
         "validate",
         help="find missing, unreadable and undecodable images in a data source",
@@ -183,6 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=4, help="decoding threads")
     s.add_argument("--max-image-pixels", type=int, default=89_478_485, help="larger images count as bad")
     s.add_argument("--output", "-o", default="", help="also write the report as JSON here")
+    s.set_defaults(func=_cmd_validate)
 
     from .launcher.cli import add_launch_parser
 
@@ -190,30 +205,140 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _map_evaluate_retrieval(argv: list[str]) -> list[str]:
-    """`evaluate retrieval ...` -> the `evaluate-retrieval` parser (global options may come first)."""
-    i = 0
-    while i < len(argv) and argv[i].startswith("-"):
-        i += 1 if "=" in argv[i] or argv[i] in ("-h", "--help") else 2  # --log-level VALUE
-    if argv[i : i + 2] == ["evaluate", "retrieval"]:
-        return [*argv[:i], "evaluate-retrieval", *argv[i + 2 :]]
-    return argv
+def _config(args: argparse.Namespace):
+    return load_config(args.config or _DEFAULT_CONFIG.get(args.command), args.overrides)
 
 
-def _data_tool(args: argparse.Namespace) -> int:
-    from .data.datasets import load_annotations
-    from .data.sources import open_source, validate_source, write_shards
+def _is_rank0() -> bool:
+    from .train.dist_env import env_rank
 
-    if args.data_command == "shard":
-        entries = [e for f in args.inputs for e in load_annotations(f, args.image_root)]
-        res = write_shards(entries, args.out, shard_size=args.shard_size, prefix=args.prefix)
-        print(
-            json.dumps(
-                {"shards": len(res["shards"]), "written": res["written"], "skipped": res["skipped"]}, indent=2
+    return env_rank() == 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """`pretrain` and `finetune TASK`: the task on the one trainer."""
+    from .tasks import train_task
+    from .train.runtime import EXIT_PREEMPTED
+
+    result = train_task(_config(args), args.task)
+    if result.get("preempted"):
+        return EXIT_PREEMPTED
+    if _is_rank0():
+        before, val, test = result.get("val_before"), result.get("val"), result.get("test")
+        if args.task == "pretrain" and before and val:
+            print(
+                f"ITC retrieval R@1 before -> after: text {before['txt_r1']:.1f} -> {val['txt_r1']:.1f}, "
+                f"image {before['img_r1']:.1f} -> {val['img_r1']:.1f}"
             )
+        elif test and "r_mean" in test:
+            print(
+                f"{args.task} fine-tuning: best epoch {result.get('best_epoch')}, test TR R@1 "
+                f"{test['txt_r1']:.2f} IR R@1 {test['img_r1']:.2f} r_mean {test['r_mean']:.2f}"
+            )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .tasks import evaluate_task
+
+    metrics = evaluate_task(
+        _config(args),
+        args.task,
+        args.checkpoint,
+        split_file=args.split_file,
+        k_test=getattr(args, "k_test", 0),
+        output=args.output,
+        tensorboard=args.tensorboard,
+        save_scores=getattr(args, "save_scores", ""),
+        step=args.step,
+    )
+    if _is_rank0():
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .train.checkpoint.export import export_weights
+
+    print(json.dumps(export_weights(args.source, args.output), indent=2))
+    return 0
+
+
+def _cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench.throughput import bench_throughput
+
+    cfg = _config(args)
+    cfg.train.engine = args.engine
+    res = bench_throughput(
+        cfg,
+        config_name=Path(args.config or _DEFAULT_CONFIG["bench"]).stem,
+        recipes=["ours", "reference"] if args.recipe == "both" else [args.recipe],
+        warmup=args.warmup,
+        steps=args.steps,
+        out=Path(args.out),
+        peak_tflops=args.peak_tflops,
+        tensorboard=args.tensorboard,
+        profile=args.profile,
+    )
+    for r in res["recipes"]:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no known peak)"
+        per_dev, step_ms = r["samples_per_s_per_device"], 1000 * r["step_time_s"]
+        print(
+            f"{r['recipe']:>9}: {r['samples_per_s']:.2f} samples/s ({per_dev:.2f} per device), "
+            f"step {step_ms:.1f} ms, peak memory {r['peak_mem_gb']:.2f} GB, MFU {mfu}"
         )
-        print(f"{res['written']} samples in {len(res['shards'])} shard(s) under {args.out}")
-        return 0
+    if "speedup_vs_reference" in res:
+        print(f"ours / reference: {res['speedup_vs_reference']:.2f}x samples/s")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synth import generate_synthetic, synthetic_ready
+
+    cfg = _config(args)
+    if synthetic_ready(cfg.data.synth) and not args.force:
+        print(f"synthetic set already complete in {cfg.data.synth.out_dir}")
+    else:
+        out = generate_synthetic(cfg.data.synth, force=args.force)
+        print(f"synthetic set written to {out}")
+    return 0
+
+
+def _cmd_synth_retrieval(args: argparse.Namespace) -> int:
+    from .data.karpathy import write_synthetic_karpathy
+    from .data.synth import generate_synthetic
+
+    cfg = _config(args)
+    f = cfg.finetune
+    if not (f.train_file and f.val_file and f.test_file):
+        raise ConfigError(
+            "data synth-retrieval writes finetune.train_file, val_file and test_file: set all three"
+        )
+    synth = generate_synthetic(cfg.data.synth)
+    out = write_synthetic_karpathy(synth, f.train_file[0], f.val_file, f.test_file, num_val=f.synth_num_val)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from .data import load_annotations, write_shards
+
+    entries = [e for f in args.inputs for e in load_annotations(f, args.image_root)]
+    res = write_shards(entries, args.out, shard_size=args.shard_size, prefix=args.prefix)
+    print(
+        json.dumps(
+            {"shards": len(res["shards"]), "written": res["written"], "skipped": res["skipped"]}, indent=2
+        )
+    )
+    print(f"{res['written']} samples in {len(res['shards'])} shard(s) under {args.out}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .data import open_source, validate_source
+
     source = open_source(args.inputs, args.image_root)
     report = validate_source(source, threads=args.threads, max_pixels=args.max_image_pixels)
     if args.output:
@@ -231,135 +356,16 @@ def _data_tool(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = _map_evaluate_retrieval(list(sys.argv[1:] if argv is None else argv))
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if args.command == "launch":
-        from .launcher.cli import run_launch
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from .train.dist_env import env_rank
+    from .train.runtime import configure_logging
 
-        return run_launch(args)
+    configure_logging(args.log_level, rank=env_rank())
     try:
-        if args.command == "export":
-            from .train.export import export_weights
-
-            print(json.dumps(export_weights(args.source, args.output), indent=2))
-            return 0
-        if args.command == "data" and args.data_command in ("shard", "validate"):
-            return _data_tool(args)
-        cfg = load_config(args.config or _DEFAULT_CONFIG.get(args.command, None), args.overrides)
-        if args.command == "bench" and args.bench_command == "throughput":
-            from pathlib import Path
-
-            from .bench.throughput import bench_throughput
-
-            cfg.train.engine = args.engine
-            res = bench_throughput(
-                cfg,
-                config_name=Path(args.config or _DEFAULT_CONFIG["bench"]).stem,
-                recipes=["ours", "reference"] if args.recipe == "both" else [args.recipe],
-                warmup=args.warmup,
-                steps=args.steps,
-                out=Path(args.out),
-                peak_tflops=args.peak_tflops,
-                tensorboard=args.tensorboard,
-                profile=args.profile,
-            )
-            for r in res["recipes"]:
-                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no known peak)"
-                per_dev, step_ms = r["samples_per_s_per_device"], 1000 * r["step_time_s"]
-                print(
-                    f"{r['recipe']:>9}: {r['samples_per_s']:.2f} samples/s ({per_dev:.2f} per device), "
-                    f"step {step_ms:.1f} ms, peak memory {r['peak_mem_gb']:.2f} GB, MFU {mfu}"
-                )
-            if "speedup_vs_reference" in res:
-                print(f"ours / reference: {res['speedup_vs_reference']:.2f}x samples/s")
-            return 0
-        if args.command == "pretrain":
-            from .train.loop import EXIT_PREEMPTED, pretrain
-
-            result = pretrain(cfg)
-            if result.get("preempted"):
-                return EXIT_PREEMPTED
-            before = result.get("retrieval_before", {})
-            after = result.get("retrieval_after", {})
-            if before and after:
-                print(
-                    f"ITC retrieval R@1 before -> after: "
-                    f"text {before['txt_r1']:.1f} -> {after['txt_r1']:.1f}, "
-                    f"image {before['img_r1']:.1f} -> {after['img_r1']:.1f}"
-                )
-        elif args.command == "evaluate":
-            from .train.loop import evaluate_checkpoint
-
-            metrics = evaluate_checkpoint(cfg, args.checkpoint)
-            text = json.dumps(metrics, indent=2)
-            print(text)
-            if args.output:
-                with open(args.output, "w") as f:
-                    f.write(text + "\n")
-        elif args.command == "evaluate-retrieval":
-            from .eval.run import evaluate_retrieval_checkpoint
-
-            metrics = evaluate_retrieval_checkpoint(
-                cfg,
-                args.checkpoint,
-                split_file=args.split_file,
-                k_test=args.k_test,
-                output=args.output,
-                tensorboard=args.tensorboard,
-                save_scores=args.save_scores,
-                step=args.step,
-            )
-            from .train.dist_env import world_info_from_env
-
-            if world_info_from_env().rank == 0:
-                print(json.dumps(metrics, indent=2))
-        elif args.command == "finetune" and args.finetune_command == "retrieval":
-            from .train.finetune import finetune_retrieval
-
-            result = finetune_retrieval(cfg)
-            if result.get("preempted"):
-                from .train.loop import EXIT_PREEMPTED
-
-                return EXIT_PREEMPTED
-            from .train.dist_env import world_info_from_env
-
-            if "test" in result and world_info_from_env().rank == 0:
-                t = result["test"]
-                print(
-                    f"retrieval fine-tuning: best epoch {result['best_epoch']}, test TR R@1 "
-                    f"{t['txt_r1']:.2f} IR R@1 {t['img_r1']:.2f} r_mean {t['r_mean']:.2f}"
-                )
-        elif args.command == "data" and args.data_command == "synth-retrieval":
-            from .data.karpathy import write_synthetic_karpathy
-            from .data.synth import generate_synthetic
-
-            f = cfg.finetune
-            if not (f.train_file and f.val_file and f.test_file):
-                raise ConfigError(
-                    "data synth-retrieval writes finetune.train_file, val_file and test_file: set all three"
-                )
-            synth = generate_synthetic(cfg.data.synth)
-            out = write_synthetic_karpathy(
-                synth, f.train_file[0], f.val_file, f.test_file, num_val=f.synth_num_val
-            )
-            print(json.dumps(out, indent=2))
-        elif args.command == "data" and args.data_command == "synth":
-            from .data.synth import generate_synthetic, synthetic_ready
-
-            if synthetic_ready(cfg.data.synth) and not args.force:
-                print(f"synthetic set already complete in {cfg.data.synth.out_dir}")
-            else:
-                out = generate_synthetic(cfg.data.synth, force=args.force)
-                print(f"synthetic set written to {out}")
+        return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"albef-ds: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,16 +6,16 @@ Usage (2 CPU ranks, gloo, the debug config by default):
         --out benchmarks/results/comm_bytes_debug.json [key=value overrides ...]
 
 The driver generates a small synthetic data set, launches `deepspeed --num_gpus <ranks> --no_local_rank
-benchmarks/comm_bytes.py _worker ...`, and each rank runs the real `albef-ds pretrain` (`albef_ds.cli.main`)
+benchmarks/comm_bytes.py _worker ...`, and each rank runs the real pre-training task on the one trainer
 with counting wrappers installed on torch.distributed *before* deepspeed is imported or its communication
 backend is built (DeepSpeed's TorchBackend keeps references to `all_gather_into_tensor` and
 `reduce_scatter_tensor` from the moment it is created, so later patches would miss them).
 
 Every call is recorded with its op, element count, dtype, payload bytes and the call site (the first frame
 outside torch and deepspeed.comm), and attributed to a phase: `startup` (before the first optimizer step:
-parameter and buffer broadcasts, rendezvous), `step <k>` (from one `DeepSpeedEngine.set_lr` -- the first
-engine call of every step of the loop -- to the next) or `teardown` (from `DeepSpeedEngine.drain` on: the
-final fp32 gather, barriers). Only the steps count as per-step traffic.
+parameter and buffer broadcasts, rendezvous), `step <k>` (from the trainer's `step_start` hook of one
+optimizer step to the next) or `teardown` (from its `teardown` hook on: the final fp32 gather, barriers).
+Only the steps count as per-step traffic.
 
 Payload convention (per rank, per call): the size of the full logical buffer of the collective --
 all_reduce / reduce / broadcast: the tensor; all_gather / all_gather_into_tensor: the gathered output
@@ -79,7 +79,7 @@ PURPOSES = {
     ("deepspeed/runtime/utils.py", "all_gather_dp_groups"): "param_allgather",
     ("deepspeed/runtime/zero/stage_1_and_2.py", "get_grad_norm_direct"): "grad_norm",
     ("deepspeed/runtime/zero/stage_1_and_2.py", "has_overflow"): "overflow_check",
-    ("albef_ds/train/engine.py", "gather"): "queue_allgather",
+    ("albef_ds/train/comm.py", "gather_padded"): "queue_allgather",  # the queue's padded all-gather
     ("albef_ds/train/engine.py", "stop_vote"): "stop_vote",
 }
 
@@ -234,26 +234,26 @@ class Recorder:
 
 
 def _worker(out_dir: str, cli_args: list[str]) -> int:
+    """One rank: the real pre-training on the one trainer, its step boundaries marked by the trainer's
+    hooks. cli_args: `--config FILE key=value ...`."""
     rec = Recorder()
     rec.install()  # before anything imports deepspeed (see the module docstring)
-    from albef_ds.train import engine as eng
+    from albef_ds.config import load_config
+    from albef_ds.tasks import train_task
+    from albef_ds.train.trainer import StepHooks
 
-    orig_set_lr, orig_drain = eng.DeepSpeedEngine.set_lr, eng.DeepSpeedEngine.drain
+    class PhaseHooks(StepHooks):
+        def step_start(self, step: int) -> None:  # before every optimizer step of the trainer
+            rec.mark_step()
 
-    def set_lr(self, lr):  # the first engine call of every optimizer step in the training loop
-        rec.mark_step()
-        return orig_set_lr(self, lr)
-
-    def drain(self):  # called once, after the last step
-        rec.mark_teardown()
-        return orig_drain(self)
-
-    eng.DeepSpeedEngine.set_lr, eng.DeepSpeedEngine.drain = set_lr, drain
-    from albef_ds.cli import main
+        def teardown(self) -> None:  # once, after the last step
+            rec.mark_teardown()
 
     rc = 1
     try:
-        rc = main(cli_args)
+        cfg = load_config(cli_args[1], cli_args[2:])
+        result = train_task(cfg, "pretrain", hooks=PhaseHooks())
+        rc = 0 if result["steps"] > 0 else 1
     finally:
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -412,7 +412,6 @@ def measure(
             str(Path(__file__).resolve()),
             WORKER,
             str(rec_dir),
-            "pretrain",
             "--config",
             str(config),
             *run_ov,

@@ -122,6 +122,7 @@ def add_launch_parser(sub) -> None:
     s.add_argument("--python", default="", help="Python on the compute nodes (default: this one)")
     s.add_argument("--workdir", default="", help="job working directory (default: the current one)")
     s.add_argument("--dry-run", action="store_true", help="check and print the script; submit nothing")
+    s.set_defaults(func=run_launch)
 
 
 def run_launch(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ PY
 )"
 albef-ds export "$out_dir" --output "$out_dir/albef.safetensors"
 echo "[demo] retrieval of the exported weights on the held-out split:"
-albef-ds evaluate --config configs/debug.yaml "$@" --checkpoint "$out_dir/albef.safetensors"
+albef-ds evaluate pretrain --config configs/debug.yaml "$@" --checkpoint "$out_dir/albef.safetensors"
 echo "[demo] retrieval with ITM re-ranking (ITC top-k + ITM) on the held-out split, on $ranks ranks:"
 deepspeed --num_gpus "$ranks" --no_local_rank --master_port "$port" --module albef_ds.cli \
   evaluate retrieval --config configs/debug.yaml "$@" eval.k_test=32 \

@@ -85,6 +85,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(ranks: int, *args: str) -> list[str]:
+    """The command line of `torchrun --nproc_per_node <ranks> <args>` on a free port."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+    return [*cmd, "--master_port", str(free_port()), *args]
+
+
 def launch_deepspeed(
     ranks: int, args: list[str], *, threads: int | None = None
 ) -> subprocess.CompletedProcess:

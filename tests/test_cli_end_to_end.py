@@ -15,7 +15,21 @@ from albef_ds.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("argv", [[], ["pretrain"], ["evaluate"], ["export"], ["data"], ["data", "synth"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["pretrain"],
+        ["evaluate"],
+        ["evaluate", "pretrain"],
+        ["evaluate", "retrieval"],
+        ["finetune"],
+        ["finetune", "retrieval"],
+        ["export"],
+        ["data"],
+        ["data", "synth"],
+    ],
+)
 def test_help_of_every_command(argv):
     # The installed console script, as a user runs it.
     exe = Path(sys.executable).with_name("albef-ds")
@@ -63,8 +77,8 @@ def test_debug_pretraining_learns_retrieval(pretrained_run):
     tmp, _ = pretrained_run
     run = tmp / "run"
     records = _last_run_records(run)
-    before = next(r for r in records if r["event"] == "eval_before")
-    after = next(r for r in records if r["event"] == "eval_after")
+    before = next(r for r in records if r["event"] == "eval_val_before")
+    after = next(r for r in records if r["event"] == "eval_val")
     train = [r for r in records if r["event"] == "train"]
     chance = 100.0 / 200  # 200 held-out images
     # Before training: chance level. After a few hundred steps: well above it, both directions.
@@ -86,6 +100,7 @@ def test_evaluate_command_reproduces_the_run_numbers(pretrained_run, capsys):
     rc = main(
         [
             "evaluate",
+            "pretrain",
             "--config",
             str(tmp / "run" / "config.yaml"),
             "--checkpoint",
@@ -96,9 +111,26 @@ def test_evaluate_command_reproduces_the_run_numbers(pretrained_run, capsys):
     )
     assert rc == 0
     got = json.loads(out_json.read_text())
-    after = next(r for r in _last_run_records(tmp / "run") if r["event"] == "eval_after")
+    after = next(r for r in _last_run_records(tmp / "run") if r["event"] == "eval_val")
     for k in ("txt_r1", "txt_r5", "img_r1", "img_r10", "r_mean"):
         assert got[k] == pytest.approx(after[k]), k
+
+
+def test_pretraining_starts_from_a_run_folder(pretrained_run, tmp_path):
+    """model.albef_init=<run folder>: its weights (here checkpoint.pt) are where a new run starts, so the new
+    run's evaluation before its first step gives the first run's final numbers."""
+    tmp, ov = pretrained_run
+    again = tmp_path / "again"
+    args = ["pretrain", "--config", str(ROOT / "configs/debug.yaml"), *ov, f"model.albef_init={tmp / 'run'}"]
+    assert main([*args, f"train.output_dir={again}", "train.max_steps=1", "train.eval_at_end=false"]) == 0
+    start = next(r for r in _last_run_records(again) if r["event"] == "eval_val_before")
+    end = next(r for r in _last_run_records(tmp / "run") if r["event"] == "eval_val")
+    for k in ("txt_r1", "txt_r5", "img_r1", "img_r10", "r_mean"):
+        assert start[k] == pytest.approx(end[k]), k
+    assert (
+        start["r_mean"]
+        > 3 * next(r for r in _last_run_records(tmp / "run") if r["event"] == "eval_val_before")["r_mean"]
+    )
 
 
 def test_data_synth_is_idempotent(pretrained_run, capsys):

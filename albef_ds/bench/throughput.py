@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import json
 import logging
@@ -36,9 +37,9 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, config_to_dict
-from ..model import ALBEFPretrain
 from ..train.dist_env import world_info_from_env
 from ..train.monitor import peak_memory_gb
+from ..train.trainer import StepHooks
 from .flops import step_flops
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 FP32_DS_CONFIG = "ds_configs/zero2_fp32.json"
 
 
-class SectionTimer:
+class SectionTimer(StepHooks):
     """Times named parts of a step: wall clock on the CPU, CUDA events on a GPU (read once, at `collect`)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -108,7 +109,9 @@ def device_peak_flops(device: torch.device, override_tflops: float = 0.0) -> tup
     return None, f"no known peak for {name}: pass --peak-tflops"
 
 
-def _synthetic_batches(cfg: Config, batch: int, device: torch.device, n: int = 4) -> list[dict]:
+def _synthetic_batches(
+    cfg: Config, batch: int, device: torch.device, dtype: torch.dtype, n: int = 4
+) -> list[dict]:
     g = torch.Generator().manual_seed(cfg.train.seed)
     s, length, vocab = cfg.model.vision.image_size, cfg.data.max_tokens, cfg.model.text.vocab_size
     out = []
@@ -117,7 +120,7 @@ def _synthetic_batches(cfg: Config, batch: int, device: torch.device, n: int = 4
         ids[:, 0] = 2  # [CLS]
         out.append(
             {
-                "image": torch.randn(batch, 3, s, s, generator=g).to(device),
+                "image": torch.randn(batch, 3, s, s, generator=g).to(device, dtype),
                 "input_ids": ids.to(device),
                 "attention_mask": torch.ones_like(ids).to(device),
             }
@@ -129,6 +132,7 @@ def _recipe_config(cfg: Config, recipe: str) -> Config:
     c = copy.deepcopy(cfg)
     c.train.grad_accum = 1
     c.train.global_batch_size = 0
+    c.model.vit_init = c.model.bert_init = c.model.albef_init = ""  # random init: speed only
     if recipe == "reference":  # the reference trains in fp32
         c.train.precision = "fp32"
         if c.train.engine == "deepspeed":
@@ -137,27 +141,22 @@ def _recipe_config(cfg: Config, recipe: str) -> Config:
 
 
 def run_recipe(cfg: Config, recipe: str, *, warmup: int, steps: int, device: torch.device, info) -> dict:
-    """Build, warm up and time one recipe; returns its measurements (every rank; rank 0 reports)."""
-    from ..train.engine import DeepSpeedEngine, TorchEngine, make_all_gather
-    from ..train.loop import seed_everything
+    """Build, warm up and time one recipe on the trainer's own step (`Trainer.train_step`, timed through
+    its hooks and the model's sections); returns its measurements (every rank; rank 0 reports)."""
+    from ..tasks.pretrain import PretrainTask
+    from ..train.trainer import Trainer
+    from .recipes import recipe_ops
 
     c = _recipe_config(cfg, recipe)
     batch = c.train.batch_size
-    seed_everything(c.train.seed)
-    kw = {"all_gather": make_all_gather(batch)} if info.world_size > 1 else {}
-    model = ALBEFPretrain(c.model, special_tokens={"pad": 0, "cls": 2, "mask": 4}, **kw).to(device)
-    model.recipe = recipe
-    if c.train.engine == "deepspeed":
-        engine = DeepSpeedEngine(model, c, device, info)
-    else:
-        engine = TorchEngine(model, c, device)
-    model = engine.module
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    engine.set_lr(c.optim.warmup_lr)
-    data = _synthetic_batches(c, batch, device)
     timer = SectionTimer(device)
-    model.timer = timer
+    trainer = Trainer(c, PretrainTask(c, ops=recipe_ops(recipe)), hooks=timer)
+    trainer.setup(with_data=False, tokens={"pad": 0, "cls": 2, "mask": 4})
+    engine, model = trainer.engine, trainer.model
+    model.train()
+    model.sections = timer.section
+    n_params = sum(p.numel() for p in model.parameters())
+    data = _synthetic_batches(c, batch, device, engine.input_dtype)
     losses = []
     t0 = 0.0
     for i in range(warmup + steps):
@@ -168,19 +167,10 @@ def run_recipe(cfg: Config, recipe: str, *, warmup: int, steps: int, device: tor
             engine.barrier()
             timer.reset()
             t0 = time.perf_counter()
-        with timer.section("data"):
-            b = data[i % len(data)]
-        with timer.section("ema"):
-            model.momentum_update()
-        out = engine.forward(b["image"], b["input_ids"], b["attention_mask"], alpha=0.4)
-        with timer.section("backward"):
-            engine.backward(out.loss)
-        with timer.section("optimizer"):
-            engine.step(last=True)
-        with timer.section("queue_gather"):
-            model.enqueue(out.image_feat_m, out.text_feat_m)
+        pick = functools.partial(data.__getitem__, i % len(data))  # fetched inside the data section
+        outs = trainer.train_step(lr=c.optim.warmup_lr, alpha=0.4, next_batch=pick)
         if i >= warmup:
-            losses.append(out.loss.detach())
+            losses.append(outs[-1].loss.detach())
     sections = timer.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -216,8 +206,8 @@ def run_recipe(cfg: Config, recipe: str, *, warmup: int, steps: int, device: tor
         "achieved_tflops_per_device": model_flops / step_s / 1e12,
         "mean_loss": sum(loss_vals) / len(loss_vals),
     }
-    model.timer = None
-    del engine, model, data
+    model.sections = None
+    del trainer, engine, model, data
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -268,7 +258,7 @@ def bench_throughput(
     """Run the benchmark on this process's ranks (one process, or every rank of a launcher); rank 0 writes
     `out` (JSON) and the PNG beside it, and returns the result."""
     from ..train.engine import init_distributed
-    from ..train.loop import resolve_device
+    from ..train.runtime import resolve_device
 
     if warmup < 0 or steps < 1:
         raise ConfigError(f"--warmup must be >= 0 and --steps >= 1 (got {warmup}, {steps})")

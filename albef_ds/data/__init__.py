@@ -1,17 +1,20 @@
-"""Data layer: sources (JSON lists, webdataset shards) and image checks, caption cleaning and tokenisation,
-image transforms, image-text datasets, the resumable distributed sampler, the training loaders (torch
-reference; DALI in `dali`; batch format in `datasets`) and the synthetic debug set."""
+"""Data layer, bottom to top (a module imports only modules listed before it):
 
-from .datasets import (
-    EvalImageDataset,
-    ImageTextCollator,
-    ImageTextDataset,
-    RetrievalEvalSet,
-    ShardedEpochSampler,
-    build_pretrain_loader,
-    build_train_loader,
-    load_annotations,
-)
+* `annotations` (JSON lists: read, check, resolve paths), `text` (caption cleaning, tokenisation),
+  `transforms` (PIL/torchvision augmentation), `sampler` (the resumable distributed sampler and the per-sample
+  seeds), `batch` (the batch format), `synth` (the synthetic debug set);
+* `sources` (JSON lists and webdataset shards behind one interface, image checks), on `annotations`;
+* `datasets` (image-text dataset and collator: the torch reference backend), `dali` (the DALI backend),
+  `evalset` (retrieval eval images and captions);
+* `loaders` (the training loader builders; imports `dali` only when data.loader = dali), `karpathy`
+  (retrieval data in the Karpathy layout).
+"""
+
+from .annotations import load_annotations
+from .datasets import ImageTextCollator, ImageTextDataset
+from .evalset import EvalImageDataset, RetrievalEvalSet
+from .loaders import build_pretrain_loader, build_train_loader
+from .sampler import ShardedEpochSampler
 from .sources import ImageTextSource, open_source, validate_source, write_shards
 from .synth import generate_synthetic, synthetic_ready
 from .text import SPECIAL_TOKENS, TextTokenizer, clean_caption, train_wordpiece_vocab

@@ -45,10 +45,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .datasets import ShardedEpochSampler, _sample_seed, empty_batch
+from .batch import empty_batch
+from .sampler import ShardedEpochSampler, sample_seed
 from .sources import DEFAULT_MAX_PIXELS, BadImage, ImageTextSource, decode_rgb, inspect_image
 from .text import TextTokenizer, clean_caption
-from .transforms import CLIP_MEAN, CLIP_STD, MAX_LEVEL, TRANSLATE_CONST, RandomAugment, _enhance_factor
+from .transforms import CLIP_MEAN, CLIP_STD, MAX_LEVEL, TRANSLATE_CONST, RandomAugment, enhance_factor
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +129,9 @@ def op_params(name: str, level: float, negate: bool, size: int) -> tuple[int, np
     if name == "Equalize":
         return OP_EQUALIZE, mat, 1.0
     if name == "Brightness":
-        return OP_BRIGHTNESS, mat, _enhance_factor(level)
+        return OP_BRIGHTNESS, mat, enhance_factor(level)
     if name == "Sharpness":
-        return OP_SHARPNESS, mat, _enhance_factor(level)
+        return OP_SHARPNESS, mat, enhance_factor(level)
     if name == "ShearX":
         mat[0, 1] = level / MAX_LEVEL * 0.3 * sign
     elif name == "ShearY":
@@ -400,7 +401,7 @@ class DaliImageTextLoader:
                 logger.warning("skipping image %s (index %d): %s", self.source.name(i), i, e)
                 skipped += 1
                 continue
-            rng = np.random.default_rng(_sample_seed(self.seed, epoch, i))
+            rng = np.random.default_rng(sample_seed(self.seed, epoch, i))
             cap = self.source.caption(i)
             if isinstance(cap, tuple):
                 cap = cap[int(rng.integers(0, len(cap)))]

@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .datasets import build_train_loader, load_annotations
+from .annotations import load_annotations, read_json_list
+from .loaders import build_train_loader
 from .sources import JsonListSource
 from .text import TextTokenizer
 
@@ -28,16 +29,7 @@ MAX_IMAGE_IDS = 2**24  # ids travel through the float queue gather (exact below 
 
 
 def _read_list(path: str | Path) -> list:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"retrieval annotation file {p} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"retrieval annotation file {p} is not valid JSON: {e}") from e
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"retrieval annotation file {p} must hold a non-empty JSON list of entries")
-    return data
+    return read_json_list(path, what="retrieval annotation file", non_empty=True)
 
 
 def check_karpathy_train(path: str | Path) -> None:
@@ -99,7 +91,7 @@ def build_retrieval_train_loader(cfg, tokenizer: TextTokenizer, **kwargs):
     """Loader over cfg.finetune.train_file with the pre-training augmentation at model.vision.image_size
     (random resized crop with data.crop_scale, flip, RandAugment), sharded over ranks, drop_last; batches
     carry "idx" (image numbers). Through DALI when data.loader = dali, else PIL + torchvision workers; the
-    keywords are `datasets.build_train_loader`'s (batch_size, seed, rank, world_size, device, dtype)."""
+    keywords are `loaders.build_train_loader`'s (batch_size, seed, rank, world_size, device, dtype)."""
     source = _karpathy_train_source(list(cfg.finetune.train_file), cfg.finetune.image_root)
     return build_train_loader(
         source, cfg.data, tokenizer, image_size=cfg.model.vision.image_size, with_idx=True, **kwargs

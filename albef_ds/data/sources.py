@@ -3,7 +3,8 @@
 Two source formats, one interface (`ImageTextSource`: `len`, `read(i)` -> encoded image bytes,
 `caption(i)`, `name(i)` for messages):
 
-* the reference JSON list ``[{"image": path, "caption": str | [str]}, ...]`` (`JsonListSource`);
+* the reference JSON list ``[{"image": path, "caption": str | [str]}, ...]`` (`JsonListSource`, over the
+  entries `annotations.load_annotations` reads and checks);
 * webdataset tar shards, the layout img2dataset writes (`ShardSource`): members ``<key>.<ext>`` grouped by
   key (the name up to the first dot of its last path component), an image (jpg, jpeg, png, webp, bmp) and a
   caption (``json`` with a "caption" str or list, else ``txt``). Shards are indexed once at start (tar
@@ -33,6 +34,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from .annotations import load_annotations
 
 logger = logging.getLogger(__name__)
 
@@ -354,8 +357,6 @@ def open_source(specs: Sequence[str] | str, image_root: str = "") -> ImageTextSo
     """JSON lists and shard specs (``*.tar``, brace ranges, globs) -> one source.
 
     A missing file, a spec that matches no shard and an empty result are errors that name the spec."""
-    from .datasets import load_annotations
-
     specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
     if not specs:
         raise ValueError("no training source given: list JSON files or webdataset shards in data.train_file")

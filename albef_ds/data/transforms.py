@@ -21,7 +21,8 @@ FILL = (128, 128, 128)  # colour of the area uncovered by geometric ops
 TRANSLATE_CONST = 10.0  # pixels of translation at MAX_LEVEL
 
 
-def _enhance_factor(level: float) -> float:
+def enhance_factor(level: float) -> float:
+    """Brightness / Sharpness enhance factor at RandAugment `level` (0..10): 0.1 .. 1.9 (shared with DALI)."""
     return level / MAX_LEVEL * 1.8 + 0.1
 
 
@@ -43,11 +44,11 @@ def _equalize(img: Image.Image, level: float, negate: bool) -> Image.Image:
 
 
 def _brightness(img: Image.Image, level: float, negate: bool) -> Image.Image:
-    return ImageEnhance.Brightness(img).enhance(_enhance_factor(level))
+    return ImageEnhance.Brightness(img).enhance(enhance_factor(level))
 
 
 def _sharpness(img: Image.Image, level: float, negate: bool) -> Image.Image:
-    return ImageEnhance.Sharpness(img).enhance(_enhance_factor(level))
+    return ImageEnhance.Sharpness(img).enhance(enhance_factor(level))
 
 
 def _shear_x(img: Image.Image, level: float, negate: bool) -> Image.Image:

@@ -1,7 +1,8 @@
 """How evaluation splits work over ranks, and the one collective it needs (gather rows of known counts).
 
 Evaluation code takes a `Comm`: `LocalComm` for one process, `ProcessGroupComm` over an initialised
-torch.distributed group (formed by `albef_ds.train.engine.init_distributed`). Shards are contiguous and
+torch.distributed group (formed by `albef_ds.train.engine.init_distributed`), gathering through the
+runtime's one padded all-gather (`albef_ds.train.comm`). Shards are contiguous and
 their sizes follow from (n, world_size, align) alone, so no rank ever needs to ask another for a count,
 and no sample is padded in or duplicated (the reference's padded samplers double-count).
 """
@@ -60,18 +61,13 @@ class ProcessGroupComm:
 
     def gather_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Concatenate every rank's rows in rank order. counts[r] = rows rank r holds (known to all ranks,
-        see `shard_bounds`); rows are padded to max(counts) for the collective and the padding is cut off
-        again, so the result holds each row exactly once. Returns a tensor on x's device."""
+        see `shard_bounds`); the one padded all-gather of the runtime (`albef_ds.train.comm`) moves them and
+        the padding is cut off again, so the result holds each row exactly once, on x's device."""
+        from ..train.comm import gather_rows
+
         if len(counts) != self.world_size or counts[self.rank] != x.shape[0]:
             raise ValueError(f"rank {self.rank} holds {x.shape[0]} rows but counts are {counts}")
-        m = max(counts)
-        if m == 0:
-            return x
-        padded = x.new_zeros((m, *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        self._dist.all_gather(parts, padded.contiguous())
-        return torch.cat([p[:c] for p, c in zip(parts, counts)])
+        return gather_rows(x, counts)
 
     def barrier(self) -> None:
         self._dist.barrier()

@@ -1,14 +1,30 @@
 """ALBEF's sampling and masking steps, vectorised and free of host-device syncs.
 
-The loss arithmetic itself (ITC, MLM) lives in `albef_ds.kernels` (pure-torch references + fused kernels).
+The loss arithmetic itself (ITC, MLM) lives in `albef_ds.kernels` (pure-torch references + fused kernels);
+here are the pieces every task shares: hard-negative sampling (Gumbel-max), the ITM block over 3B pairs,
+the retrieval ITC with same-id positives, MLM masking and the static selection of scored positions.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+
+
+def _gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One exact draw per row from softmax(logits): argmax_j(logits_ij + G_ij), G ~ Gumbel(0, 1). Columns at
+    -inf are never drawn. One kernel, no per-sample loop, no `.item()`. (R, C) fp32 -> LongTensor (R,)."""
+    u = torch.rand(logits.shape, device=logits.device, generator=generator)
+    tiny = torch.finfo(torch.float32).tiny
+    gumbel = -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-7)))
+    return (logits + gumbel).argmax(dim=1)
 
 
 def sample_hard_negatives(sim: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -26,23 +42,64 @@ def sample_hard_negatives(sim: torch.Tensor, generator: torch.Generator | None =
         raise ValueError("hard-negative sampling needs a batch of at least 2")
     logits = sim.detach().float().clone()
     logits.fill_diagonal_(float("-inf"))
-    u = torch.rand(logits.shape, device=logits.device, generator=generator)
-    tiny = torch.finfo(torch.float32).tiny
-    gumbel = -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-7)))
-    return (logits + gumbel).argmax(dim=1)
+    return _gumbel_argmax(logits, generator)
 
 
-def sample_hard_negatives_looped(sim: torch.Tensor) -> torch.Tensor:
-    """The reference's way of drawing hard negatives, kept for the side-by-side benchmark only: softmax, a
-    small floor, the diagonal zeroed, then one torch.multinomial and one `.item()` (a host sync) per row.
-    Same distribution as `sample_hard_negatives` up to the floor. Returns LongTensor (B,)."""
-    b = sim.shape[0]
-    if b < 2:
-        raise ValueError("hard-negative sampling needs a batch of at least 2")
-    weights = F.softmax(sim.detach().float(), dim=1) + 1e-5
-    weights.fill_diagonal_(0)
-    picks = [int(torch.multinomial(weights[i], 1).item()) for i in range(b)]
-    return torch.tensor(picks, dtype=torch.long, device=sim.device)
+def sample_negatives_excluding(
+    sim: torch.Tensor, same: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row i of a (B, B) similarity matrix draw a column j with same[i, j] False, with probability
+    softmax over the allowed columns (Gumbel-max: argmax(sim + Gumbel noise) with the excluded columns at
+    -inf; one kernel, no host sync). Returns (LongTensor (B,), valid (B,) bool): rows whose every column is
+    excluded have no negative (valid False; their drawn index is meaningless)."""
+    logits = sim.detach().float().masked_fill(same, float("-inf"))
+    return _gumbel_argmax(logits, generator), ~same.all(dim=1)
+
+
+Sampler = Callable[[torch.Tensor], Any]  # (B, B) similarities -> drawn columns (and whatever else it returns)
+
+
+@torch.no_grad()
+def draw_hard_negatives(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feat_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    temp: torch.Tensor,
+    sample: Sampler = sample_hard_negatives,
+) -> tuple[Any, Any]:
+    """ALBEF's in-batch hard negatives for ITM: the sampling weights are the softmax of the in-batch ITC
+    similarities (online query features against the other modality's momentum features, fp32).
+
+    image_feat, text_feat: (B, D) online unit features; *_m: (B, D) momentum ones; temp: the (clamped)
+    temperature. Returns (sample(sim_t2i): a negative image for each text, sample(sim_i2t): a negative
+    text for each image), drawn in that order (so a fixed seed gives the same draws everywhere).
+    """
+    t = temp.detach().float()
+    sim_i2t = image_feat.detach().float() @ text_feat_m.float().t() / t  # (B, B)
+    sim_t2i = text_feat.detach().float() @ image_feat_m.float().t() / t
+    return sample(sim_t2i), sample(sim_i2t)
+
+
+def itm_pair_logits(
+    fuse: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    itm_head: nn.Module,
+    text_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_embeds: torch.Tensor,
+    neg_image: torch.Tensor,
+    neg_text: torch.Tensor,
+) -> torch.Tensor:
+    """ITM logits of 3B pairs in one fusion pass: [positives; (text, negative image); (negative text, image)].
+
+    fuse: (text states (N, L, H), mask (N, L), image tokens (N, 1+P, W)) -> fused states (N, L, H) (the
+    fusion encoder, `text_encoder.bert.fuse`); text_embeds (B, L, H), attention_mask (B, L), image_embeds
+    (B, 1+P, W); neg_image / neg_text: (B,) indices into the batch. Returns (3B, 2) from the [CLS] state.
+    """
+    text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]], dim=0)
+    mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]], dim=0)
+    image_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds], dim=0)
+    return itm_head(fuse(text_all, mask_all, image_all)[:, 0])
 
 
 def mask_tokens(
@@ -114,3 +171,28 @@ def itm_loss(logits: torch.Tensor, batch_size: int) -> torch.Tensor:
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     labels[:batch_size] = 1
     return F.cross_entropy(logits.float(), labels)
+
+
+def itc_loss_multi_positive(
+    feat: torch.Tensor,
+    feat_m: torch.Tensor,
+    bank: torch.Tensor,
+    pos: torch.Tensor,
+    temp: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    """One direction of the retrieval ITC loss.
+
+    feat, feat_m: (B, D) online / momentum unit features of the queries; bank: (B + Q, D) candidates
+    ([momentum batch; queue] of the other modality); pos: (B, B + Q) bool, True where a candidate has the
+    query's image id (each row has at least its own pair). Targets:
+        y = alpha * softmax(feat_m @ bank^T / temp) + (1 - alpha) * pos / pos.sum(1)
+    Loss = mean over rows of -sum(y * log_softmax(feat @ bank^T / temp)). Computed in fp32.
+    """
+    t = temp.float().reshape(())
+    bank = bank.float()
+    sim = feat.float() @ bank.t() / t  # (B, B+Q)
+    with torch.no_grad():
+        hard = pos.float() / pos.float().sum(dim=1, keepdim=True)
+        targets = alpha * F.softmax(feat_m.float() @ bank.t() / t, dim=1) + (1.0 - alpha) * hard
+    return kernels.soft_cross_entropy(sim, targets).mean()

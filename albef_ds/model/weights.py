@@ -1,35 +1,48 @@
-"""Loading the weights users already have into `ALBEFPretrain` (local paths only, `weights_only=True`).
+"""Weight layouts -> our keys and shapes, for a given model: pure conversions of in-memory state dicts.
 
-Key maps (source key -> our key):
+Reading files (ours, DeepSpeed folders, run folders, released .pth, DeiT, BERT) is the checkpoint package's
+job (`albef_ds.train.checkpoint.load_weights`); this module never touches a path. Every conversion is
+written once here and used by every loader.
 
-DeiT-B/16 (`{'model': ...}` .pth or timm .safetensors):
+Layouts (`LAYOUTS`) and their key maps (source key -> our key):
+
+"deit": DeiT-B/16 / any timm ViT state dict
     K                                  -> visual_encoder.K   (pos_embed resampled bicubically to our grid)
     head.*, head_dist.*, dist_token    -> dropped (classifier / distillation token; reported)
 
-bert-base-uncased (HF folder: model.safetensors or pytorch_model.bin):
-    bert.K                             -> text_encoder.bert.K
-    cls.predictions.K                  -> text_encoder.cls.predictions.K
+"bert": bert-base-uncased (BertForPreTraining / BertForMaskedLM / bare BertModel keys)
+    bert.K (or a bare K)               -> text_encoder.bert.K
+    cls.predictions.K                  -> text_encoder.cls.predictions.K (dropped: model without MLM head)
     *.LayerNorm.gamma / .beta          -> *.LayerNorm.weight / .bias   (old TF-converted files)
     bert.pooler.*, cls.seq_relationship.*, *.position_ids, cls.predictions.decoder.bias -> dropped
     (cross-attention of the fusion layers has no BERT counterpart: it stays randomly initialised)
 
-Released ALBEF (`ALBEF_4M.pth`, `ALBEF.pth`: `{'model': state_dict, ...}`), same names as ours except:
-    image_queue / text_queue  (D, Q)   -> transposed to (Q, D); skipped with a warning if Q differs from ours
+"albef": released ALBEF (pre-training `ALBEF_4M.pth` / `ALBEF.pth`, retrieval `mscoco.pth` / `flickr30k.pth`),
+and "ours": what we write. Same names, except in the released layout:
+    image_queue / text_queue  (D, Q)   -> transposed to (Q, D)
+    text_encoder[_m].embeddings|encoder.* (retrieval: a BertModel) -> text_encoder[_m].bert.*
+For both:
     temp  ()                           -> (1,)
-    *.pos_embed                        -> resampled to our grid (e.g. 16x16 at 256 px -> 24x24 at 384 px)
-    text_encoder[_m].cls.predictions.decoder.bias -> dropped (an alias of cls.predictions.bias)
+    idx_queue (1, Q)                   -> (Q,)
+    visual_encoder[_m].pos_embed       -> resampled to the model's grid (16x16 at 256 px -> 24x24 at 384 px)
+    *.cls.predictions.decoder.bias     -> dropped (an alias of cls.predictions.bias)
+    text_encoder[_m].cls.*             -> dropped when the model has no MLM head (the retrieval model)
+    queues of another length than the model's -> dropped with their pointer and id queue (the model keeps
+                                          its own); feature queues without ids (a pre-training checkpoint
+                                          into the retrieval model) leave the pointer at 0
 
-Our own checkpoints (`{'albef_ds_format': 1, 'model': ...}`) load with no conversion. Every load returns a
-`LoadReport` (missing and unexpected keys, what was converted) and logs it; a shape that still differs after
-conversion is a ValueError naming the key, both shapes and the file.
+`load_state` converts and applies (`load_state_dict` of the mapped keys); the `LoadReport` lists what was
+loaded, missing, unexpected, converted and dropped. A shape that still differs after conversion is a
+ValueError naming the key, both shapes and the source. Loading a partial layout (DeiT, BERT) refreshes the
+momentum copies (`model.copy_params()`); a whole-model layout brings its own.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,16 +52,19 @@ from .vit import resample_pos_embed
 log = logging.getLogger(__name__)
 
 OUR_FORMAT = 1  # value of 'albef_ds_format' in checkpoints we write
+LAYOUTS = ("ours", "albef", "deit", "bert")
+WHOLE_MODEL = ("ours", "albef")  # layouts that carry momentum copies and queues
 
 
 @dataclass
 class LoadReport:
     source: str
     loaded: int = 0
-    missing: list[str] = field(default_factory=list)  # our keys the file did not provide
-    unexpected: list[str] = field(default_factory=list)  # file keys we have no place for
-    dropped: list[str] = field(default_factory=list)  # file keys dropped on purpose by the key map
-    converted: list[str] = field(default_factory=list)  # keys resampled / transposed / reshaped
+    missing: list[str] = field(default_factory=list)  # our keys the source did not provide
+    unexpected: list[str] = field(default_factory=list)  # source keys we have no place for
+    dropped: list[str] = field(default_factory=list)  # source keys dropped on purpose by the key map
+    converted: list[str] = field(default_factory=list)  # keys resampled / transposed / reshaped / renamed
+    layout: str = ""  # one of LAYOUTS
 
     def summary(self) -> str:
         def few(xs: list[str]) -> str:
@@ -66,47 +82,162 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def read_state_file(path: str | Path) -> dict:
-    """A state dict (or a dict holding one) from .safetensors / .pth / .bin / .pt (weights_only=True)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file {p} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(p), device="cpu")
-        except Exception as e:  # noqa: BLE001 - re-raised with the path
-            raise ValueError(f"{p} is not a readable safetensors file: {e}") from e
-        if meta.get("albef_ds_format") == str(OUR_FORMAT):  # written by `albef-ds export`
-            return {"albef_ds_format": OUR_FORMAT, "model": tensors}
-        return tensors
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise ValueError(f"{p} is not a loadable torch checkpoint (weights_only=True): {e}") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{p} holds a {type(obj).__name__}, expected a dict / state dict")
-    return obj
-
-
-def _unwrap(obj: dict, path: str) -> dict[str, torch.Tensor]:
+def state_tensors(obj: Mapping, source: str = "state dict") -> dict[str, torch.Tensor]:
+    """The tensors of a state dict, or of the one a checkpoint dict holds under 'model' / 'state_dict' /
+    'module' (released ALBEF, DeiT and our .pt files wrap it)."""
     for key in ("model", "state_dict", "module"):
-        if key in obj and isinstance(obj[key], dict):
+        if key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
-        raise ValueError(f"{path} holds no tensors (expected a state dict or {{'model': state_dict}})")
+        raise ValueError(f"{source} holds no tensors (expected a state dict or {{'model': state_dict}})")
     return sd
 
 
-def _apply(model: nn.Module, mapped: dict[str, torch.Tensor], report: LoadReport, prefixes: tuple[str, ...]):
-    """Copy `mapped` into the model's parameters and buffers; `prefixes` limit which of our keys count as
-    missing (a DeiT file is not expected to provide text weights)."""
+def detect_layout(sd: Mapping[str, torch.Tensor], *, ours: bool, source: str = "state dict") -> str:
+    """The layout of a state dict: "ours" when its container says so (`albef_ds_format`), else from its
+    keys: whole-model ALBEF ("albef"), a bare ViT ("deit") or BERT ("bert")."""
+    if ours:
+        return "ours"
+    if any(k.startswith(("visual_encoder.", "text_encoder.")) for k in sd):
+        return "albef"
+    if "patch_embed.proj.weight" in sd:
+        return "deit"
+    if any(k.startswith(("bert.", "embeddings.word_embeddings.", "cls.predictions.")) for k in sd):
+        return "bert"
+    raise ValueError(
+        f"{source}: not a layout we load (keys such as {', '.join(list(sd)[:3])}); expected ALBEF keys "
+        "(visual_encoder.*, text_encoder.*), a DeiT/timm ViT (patch_embed.proj.weight, blocks.*) or "
+        "bert-base-uncased (bert.*, cls.predictions.*)"
+    )
+
+
+def _grid(model: nn.Module) -> int:
+    return model.visual_encoder.patch_embed.grid_size[0]
+
+
+def _has_mlm(model: nn.Module) -> bool:
+    return any(k.startswith("text_encoder.cls.") for k in model.state_dict())
+
+
+def _resample(k: str, v: torch.Tensor, grid: int, report: LoadReport) -> torch.Tensor:
+    new = resample_pos_embed(v, grid)
+    if new.shape != v.shape:
+        report.converted.append(f"{k} {tuple(v.shape)}->{tuple(new.shape)}")
+    return new
+
+
+def convert_deit(sd: Mapping[str, torch.Tensor], model: nn.Module, report: LoadReport) -> dict:
+    mapped = {}
+    grid = _grid(model)
+    for k, v in sd.items():
+        if k.startswith(("head.", "head_dist.")) or k == "dist_token":
+            report.dropped.append(k)
+            continue
+        k2 = "visual_encoder." + k
+        mapped[k2] = _resample(k2, v, grid, report) if k == "pos_embed" else v
+    return mapped
+
+
+_BERT_DROP = re.compile(
+    r"(^|\.)(pooler\.|position_ids$)|^cls\.seq_relationship\.|^cls\.predictions\.decoder\.bias$"
+)
+
+
+def convert_bert(sd: Mapping[str, torch.Tensor], model: nn.Module, report: LoadReport) -> dict:
+    mapped = {}
+    has_mlm = _has_mlm(model)
+    for k, v in sd.items():
+        k2 = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if not k2.startswith(("bert.", "cls.")):
+            k2 = "bert." + k2  # a bare BertModel state dict
+        if _BERT_DROP.search(k2) or (k2.startswith("cls.") and not has_mlm):
+            report.dropped.append(k)
+            continue
+        if k2 != k:
+            report.converted.append(f"{k} -> {k2}")
+        mapped["text_encoder." + k2] = v
+    return mapped
+
+
+# Released retrieval checkpoints hold a BertModel as text encoder: `text_encoder.embeddings.*`.
+_RELEASED_TEXT = re.compile(r"^(text_encoder(?:_m)?)\.(embeddings|encoder)\.")
+_QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
+
+
+def convert_albef(
+    sd: Mapping[str, torch.Tensor], model: nn.Module, report: LoadReport, *, released: bool
+) -> dict:
+    """A whole-model state dict (released ALBEF when `released`, else ours) -> our keys and shapes."""
+    model_sd = model.state_dict()
+    grid = _grid(model)
+    has_mlm = _has_mlm(model)
+    mapped: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        m = _RELEASED_TEXT.match(k) if released else None
+        if m:
+            k2 = f"{m.group(1)}.bert.{k[len(m.group(1)) + 1 :]}"
+            report.converted.append(f"{k} -> {k2}")
+            k = k2
+        if k.endswith("cls.predictions.decoder.bias") or (".cls." in k and not has_mlm):
+            report.dropped.append(k)
+            continue
+        if released and k in ("image_queue", "text_queue"):
+            v = v.t()  # released: (D, Q) -> ours (Q, D)
+            report.converted.append(f"{k} transposed")
+        if k == "idx_queue" and v.dim() == 2:
+            v = v.reshape(-1)
+            report.converted.append("idx_queue (1, Q) -> (Q,)")
+        if k == "temp" and v.dim() == 0:
+            v = v.reshape(1)
+            report.converted.append("temp () -> (1,)")
+        if k.startswith("visual_encoder") and k.endswith("pos_embed"):
+            v = _resample(k, v, grid, report)
+        mapped[k] = v
+    # Queues of another length stay as the model initialised them (with their pointer and id queue).
+    if "image_queue" in model_sd and "image_queue" in mapped:
+        q_model, q_src = model_sd["image_queue"].shape[0], mapped["image_queue"].shape[0]
+        if q_src != q_model:
+            for k in _QUEUE_KEYS:
+                if k in mapped:
+                    del mapped[k]
+                    report.dropped.append(f"{k} (queue of {q_src} entries, the model has {q_model})")
+    if "idx_queue" in model_sd and "idx_queue" not in mapped and "image_queue" in mapped:
+        # Feature queues without ids (a pre-training checkpoint): their ids stay "none" (-100), so none of
+        # them counts as a positive; the pointer restarts at 0.
+        mapped.pop("queue_ptr", None)
+    return mapped
+
+
+def convert_state(
+    sd: Mapping[str, torch.Tensor], model: nn.Module, *, layout: str, report: LoadReport
+) -> dict[str, torch.Tensor]:
+    """`sd` in `layout` -> our keys and shapes for `model` (what was changed goes into `report`)."""
+    if layout == "deit":
+        return convert_deit(sd, model, report)
+    if layout == "bert":
+        return convert_bert(sd, model, report)
+    if layout in WHOLE_MODEL:
+        return convert_albef(sd, model, report, released=layout == "albef")
+    raise ValueError(f"unknown weight layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+
+
+# Our keys a layout is expected to provide (a DeiT file is not expected to provide text weights).
+_PREFIXES = {"deit": ("visual_encoder.",), "bert": ("text_encoder.",), "ours": ("",), "albef": ("",)}
+# Tied aliases (the MLM decoder weight) count as loaded when their source was; the pointer may restart.
+_NOT_MISSING = {
+    "text_encoder.cls.predictions.decoder.weight",
+    "text_encoder_m.cls.predictions.decoder.weight",
+    "queue_ptr",
+}
+
+
+def apply_state(
+    model: nn.Module, mapped: Mapping[str, torch.Tensor], report: LoadReport, *, prefixes: tuple[str, ...]
+) -> LoadReport:
+    """Copy `mapped` (our keys) into the model's parameters and buffers. `prefixes` limit which of our keys
+    count as missing. Checks every shape before copying anything: a mismatch changes nothing."""
     ours = model.state_dict(keep_vars=True)
     shape_errors = []
     for k, v in mapped.items():
@@ -122,119 +253,19 @@ def _apply(model: nn.Module, mapped: dict[str, torch.Tensor], report: LoadReport
             if k in ours:
                 ours[k].copy_(v.to(ours[k].dtype))
                 report.loaded += 1
-    # Tied aliases (the MLM decoder weight) count as loaded when their source was.
-    tied = {"text_encoder.cls.predictions.decoder.weight", "text_encoder_m.cls.predictions.decoder.weight"}
-    report.missing = [
-        k for k in ours if k.startswith(prefixes) and k not in mapped and k not in tied and k != "queue_ptr"
-    ]
+    report.missing = [k for k in ours if k.startswith(prefixes) and k not in mapped and k not in _NOT_MISSING]
     log.info(report.summary())
     return report
 
 
-def _grid(model: nn.Module) -> int:
-    ve = model.visual_encoder
-    return ve.patch_embed.grid_size[0]
-
-
-def load_deit(model: nn.Module, path: str | Path) -> LoadReport:
-    """A DeiT-B/16 (or any timm ViT) checkpoint into `visual_encoder`; the momentum copy follows."""
-    sd = _unwrap(read_state_file(path), str(path))
-    report = LoadReport(str(path))
-    mapped = {}
-    for k, v in sd.items():
-        if k.startswith(("head.", "head_dist.")) or k == "dist_token":
-            report.dropped.append(k)
-            continue
-        if k == "pos_embed":
-            new = resample_pos_embed(v, _grid(model))
-            if new.shape != v.shape:
-                report.converted.append(f"visual_encoder.pos_embed {tuple(v.shape)}->{tuple(new.shape)}")
-            v = new
-        mapped["visual_encoder." + k] = v
-    _apply(model, mapped, report, ("visual_encoder.",))
-    model.copy_params()
+def load_state(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], *, layout: str = "ours", source: str = "state dict"
+) -> LoadReport:
+    """Convert `sd` (in `layout`, see the module docstring) for `model` and load it; returns the report.
+    After a partial layout (DeiT, BERT) the momentum copies follow the loaded weights."""
+    report = LoadReport(source, layout=layout)
+    mapped = convert_state(sd, model, layout=layout, report=report)
+    apply_state(model, mapped, report, prefixes=_PREFIXES[layout])
+    if layout not in WHOLE_MODEL and hasattr(model, "copy_params"):
+        model.copy_params()
     return report
-
-
-_BERT_DROP = re.compile(
-    r"(^|\.)(pooler\.|position_ids$)|^cls\.seq_relationship\.|^cls\.predictions\.decoder\.bias$"
-)
-
-
-def bert_weights_file(folder: str | Path) -> Path:
-    f = Path(folder)
-    if f.is_file():
-        return f
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (f / name).is_file():
-            return f / name
-    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in BERT folder {f}")
-
-
-def load_bert(model: nn.Module, folder: str | Path) -> LoadReport:
-    """bert-base-uncased (HF layout) into the text + fusion encoder; the momentum copy follows."""
-    path = bert_weights_file(folder)
-    sd = _unwrap(read_state_file(path), str(path))
-    report = LoadReport(str(path))
-    mapped = {}
-    for k, v in sd.items():
-        k2 = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if not k2.startswith(("bert.", "cls.")):
-            k2 = "bert." + k2  # a bare BertModel state dict
-        if _BERT_DROP.search(k2):
-            report.dropped.append(k)
-            continue
-        if k2 != k:
-            report.converted.append(f"{k} -> {k2}")
-        mapped["text_encoder." + k2] = v
-    _apply(model, mapped, report, ("text_encoder.",))
-    model.copy_params()
-    return report
-
-
-def load_albef(model: nn.Module, path: str | Path) -> LoadReport:
-    """A released ALBEF checkpoint or one of ours (the whole model, momentum copies and queues included)."""
-    raw = read_state_file(path)
-    ours_format = raw.get("albef_ds_format") == OUR_FORMAT
-    sd = _unwrap(raw, str(path))
-    report = LoadReport(str(path))
-    if ours_format:
-        return _apply(model, sd, report, ("",))
-    grid = _grid(model)
-    qsize = model.image_queue.shape[0]
-    mapped = {}
-    for k, v in sd.items():
-        if k.endswith("cls.predictions.decoder.bias"):
-            report.dropped.append(k)
-            continue
-        if k in ("image_queue", "text_queue"):
-            v = v.t()  # (D, Q) -> (Q, D)
-            if v.shape[0] != qsize:
-                report.dropped.append(f"{k} (queue of {v.shape[0]} entries, ours has {qsize})")
-                continue
-            report.converted.append(f"{k} transposed")
-        elif k == "queue_ptr" and sd["image_queue"].shape[1] != qsize:
-            report.dropped.append(k)
-            continue
-        elif k == "temp" and v.dim() == 0:
-            v = v.reshape(1)
-            report.converted.append("temp () -> (1,)")
-        elif k.endswith("pos_embed") and k.startswith("visual_encoder"):
-            new = resample_pos_embed(v, grid)
-            if new.shape != v.shape:
-                report.converted.append(f"{k} {tuple(v.shape)}->{tuple(new.shape)}")
-            v = new
-        mapped[k] = v
-    return _apply(model, mapped, report, ("",))
-
-
-def load_pretrained(model: nn.Module, *, vit: str = "", bert: str = "", albef: str = "") -> list[LoadReport]:
-    """Apply the configured initialisations in order: DeiT, BERT, then a whole-model ALBEF checkpoint."""
-    reports = []
-    if vit:
-        reports.append(load_deit(model, vit))
-    if bert:
-        reports.append(load_bert(model, bert))
-    if albef:
-        reports.append(load_albef(model, albef))
-    return reports

@@ -399,6 +399,17 @@ def _validate(info: DistInfo, names: Mapping[str, str]) -> None:
         raise ValueError(f"{var('master_port')} is not a TCP port")
 
 
+def env_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's global rank as a launcher announced it (torchrun/deepspeed, SLURM, OpenMPI, PMI), 0
+    when none did; no validation or MPI set-up (for choosing a log level before anything starts)."""
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    for name in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        value = env.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def world_info_from_env(
     environ: Mapping[str, str] | None = None,
     *,

@@ -1,7 +1,9 @@
 """Training engines behind one small interface: plain torch (one process) and DeepSpeed ZeRO-2.
 
-The step loop (`loop.py`) only calls `set_lr`, `forward`, `micro_step` and reads `module`, `rank`,
-`world_size`; this file is the only place that imports deepspeed and torch.distributed.
+The trainer (`trainer.py`) only calls `set_lr`, `forward(**inputs)`, `backward`, `step`, `save`/`load`,
+`full_state_dict`, `stop_vote`, `barrier` and reads `module`, `rank`, `world_size`, `input_dtype`. Batches are
+dicts passed as keyword arguments, so one engine serves every task. This file (with `comm.py`) is the only
+place that imports deepspeed and torch.distributed.
 """
 
 from __future__ import annotations
@@ -9,13 +11,13 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from collections.abc import Callable
+import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..config import Config, ConfigError
-from ..model import ALBEFPretrain
 from ..model.weights import OUR_FORMAT
 from .checkpoint import atomic_torch_save
 from .dist_env import DistInfo
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 STOP_VOTE_LAG = 2  # steps between a stop request and the step after which every rank stops
 
 
-def _adamw(model: ALBEFPretrain, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+def _adamw(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     o = cfg.optim
     return torch.optim.AdamW(
         param_groups(model, o.weight_decay),
@@ -43,8 +45,9 @@ class TorchEngine:
 
     rank = 0
     world_size = 1
+    input_dtype = torch.float32
 
-    def __init__(self, model: ALBEFPretrain, cfg: Config, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, cfg: Config, device: torch.device) -> None:
         self.module = model
         self.device = device
         self.accum = cfg.train.grad_accum
@@ -55,12 +58,8 @@ class TorchEngine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def forward(self, image, input_ids, attention_mask, *, alpha: float):
-        return self.module(image, input_ids, attention_mask, alpha=alpha)
-
-    def micro_step(self, loss: torch.Tensor, *, last: bool) -> None:
-        self.backward(loss)
-        self.step(last=last)
+    def forward(self, **inputs):
+        return self.module(**inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum).backward()
@@ -132,29 +131,13 @@ def _state_abs_sum(opt: torch.optim.Optimizer) -> float:
     return float(sum(t.detach().double().abs().sum().item() for t in _state_tensors(opt)))
 
 
-def make_all_gather(max_rows: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """An all_gather for the queue that tolerates a different number of rows per rank.
-
-    Ranks may hold fewer than `max_rows` rows (undecodable images are dropped from a batch), but
-    all_gather needs equal shapes: each rank pads to max_rows with a validity column and one collective
-    moves everything. Returns (rows, valid) in rank order; the model's enqueue skips the padded rows on
-    the device, so the gather costs no host sync.
-    """
-    import torch.distributed as dist
-
-    def gather(x: torch.Tensor) -> torch.Tensor:
-        n, d = x.shape
-        if n > max_rows:
-            raise ValueError(f"queue gather got {n} rows, more than the {max_rows} a step can hold")
-        padded = torch.zeros(max_rows, d + 1, dtype=x.dtype, device=x.device)
-        padded[:n, :d] = x
-        padded[:n, d] = 1
-        out = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, padded)
-        allrows = torch.cat(out)
-        return allrows[:, :d], allrows[:, d] > 0
-
-    return gather
+def build_engine(
+    cfg: Config, model: nn.Module, device: torch.device, info: DistInfo, *, load_universal: bool = False
+):
+    """The engine train.engine names, around `model`."""
+    if cfg.train.engine == "deepspeed":
+        return DeepSpeedEngine(model, cfg, device, info, load_universal=load_universal)
+    return TorchEngine(model, cfg, device)
 
 
 class DeepSpeedEngine:
@@ -167,7 +150,7 @@ class DeepSpeedEngine:
 
     def __init__(
         self,
-        model: ALBEFPretrain,
+        model: nn.Module,
         cfg: Config,
         device: torch.device,
         info: DistInfo,
@@ -198,11 +181,19 @@ class DeepSpeedEngine:
             if ds_cfg["fp16"]["enabled"]
             else torch.float32
         )
+        # ZeRO-2's parameter all-gather after each optimizer step (deepspeed/runtime/zero/stage_1_and_2.py in
+        # 0.19.8) calls torch.distributed.all_gather_into_tensor, which torch 2.14 marks deprecated: one
+        # FutureWarning per rank per run that is DeepSpeed's to fix, not ours (none of our calls use it).
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+            category=FutureWarning,
+        )
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=_adamw(model, cfg, device), config=ds_cfg
         )
         self.engine = engine
-        self.module: ALBEFPretrain = engine.module
+        self.module: nn.Module = engine.module
         with torch.no_grad():
             for buf in self.module.buffers():
                 dist.broadcast(buf, src=0)
@@ -221,13 +212,9 @@ class DeepSpeedEngine:
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
 
-    def forward(self, image, input_ids, attention_mask, *, alpha: float):
-        return self.engine(image.to(self.input_dtype), input_ids, attention_mask, alpha=alpha)
-
-    def micro_step(self, loss: torch.Tensor, *, last: bool) -> None:
-        # DeepSpeed scales by 1/accumulation itself and applies the optimizer at the boundary only.
-        self.backward(loss)
-        self.step(last=last)
+    def forward(self, **inputs):
+        """The task's inputs as keywords; images arrive in `input_dtype` (the loaders produce it)."""
+        return self.engine(**inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # ZeRO-2 reduces gradient buckets (all_reduce in 0.19.8) as they fill
@@ -411,6 +398,11 @@ def init_distributed(info: DistInfo, device: torch.device) -> None:
     is left in /dev/shm, even if the run is killed later)."""
     import deepspeed
 
+    from .runtime import quiet_deepspeed
+
+    quiet_deepspeed()  # its import set its logger to INFO
+    if torch.distributed.is_initialized():  # a second job in the same processes (a benchmark's recipes)
+        return
     info.export()
     segment = ds_shm_segment(info.rank)
     cpu = device.type != "cuda"

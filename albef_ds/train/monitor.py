@@ -50,11 +50,9 @@ class MetricsFile:
 class Monitor:
     """Rank 0's reporting; on other ranks every method is a no-op."""
 
+    # Record key -> TensorBoard tag; losses are "loss" (loss/total) and "loss_<name>" (loss/<name>).
     SCALARS = {
         "loss": "loss/total",
-        "loss_itc": "loss/itc",
-        "loss_itm": "loss/itm",
-        "loss_mlm": "loss/mlm",
         "lr": "train/lr",
         "alpha": "train/alpha",
         "temp": "train/temp",
@@ -118,9 +116,10 @@ class Monitor:
             return
         self.metrics.write(rec)
         if self.tb is not None:
-            for key, tag in self.SCALARS.items():
-                if key in rec:
-                    self.tb.add_scalar(tag, rec[key], rec["step"])
+            for key, value in rec.items():
+                tag = self.SCALARS.get(key) or (f"loss/{key[5:]}" if key.startswith("loss_") else None)
+                if tag is not None:
+                    self.tb.add_scalar(tag, value, rec["step"])
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.1f}", refresh=False)
 

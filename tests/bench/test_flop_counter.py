@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from albef_ds.bench.flops import step_flops
+from albef_ds.bench.recipes import recipe_ops
 from albef_ds.config import load_config
 from albef_ds.model import ALBEFPretrain
 from tests.helpers import ROOT, SPECIAL
@@ -19,7 +20,7 @@ from tests.helpers import ROOT, SPECIAL
 
 def _measured(model_cfg, batch: int, length: int, recipe: str) -> int:
     m = ALBEFPretrain(model_cfg, special_tokens=SPECIAL)
-    m.recipe = recipe
+    m.ops = recipe_ops(recipe)
     s = model_cfg.vision.image_size
     image = torch.randn(batch, 3, s, s)
     ids = torch.randint(5, model_cfg.text.vocab_size, (batch, length))

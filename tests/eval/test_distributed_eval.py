@@ -12,7 +12,7 @@ import torch
 
 from albef_ds.config import load_config
 from albef_ds.data.synth import generate_synthetic
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, torchrun
 
 
 def _overrides(synth: Path) -> list[str]:
@@ -62,15 +62,7 @@ def test_two_ranks_give_the_single_process_numbers(tmp_path):
     )
     m2, s2 = _run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "albef_ds.cli",
+            *torchrun(2, "-m", "albef_ds.cli"),
             *args,
             "--output",
             str(two / "m.json"),

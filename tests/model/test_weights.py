@@ -1,17 +1,19 @@
-"""Loading DeiT, bert-base-uncased and released-ALBEF layouts (tiny shapes, the exact key names)."""
+"""Converting DeiT, bert-base-uncased, released-ALBEF and our layouts (tiny shapes, the exact key names): the
+pure conversions of `albef_ds.model.weights` on in-memory state dicts. Reading them from files and folders
+is tested in tests/train/checkpoint/test_weights.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from albef_ds.config import TextConfig, VisionConfig
 from albef_ds.model import ALBEFPretrain
+from albef_ds.model.retrieval import NO_ID, ALBEFRetrieval
 from albef_ds.model.vit import resample_pos_embed
-from albef_ds.model.weights import load_albef, load_bert, load_deit
+from albef_ds.model.weights import detect_layout, load_state
 from tests.helpers import SPECIAL, tiny_model_config
 
 
@@ -29,19 +31,9 @@ def _deit_state(img: int, width: int = 32, depth: int = 2):
     return vit, sd
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_deit_loads_into_vision_encoder_with_resampled_pos_embed(tmp_path, suffix):
-    src, sd = _deit_state(img=24)  # 3x3 grid; our model is 32 px -> 4x4
-    path = tmp_path / f"deit{suffix}"
-    if suffix == ".pth":
-        torch.save({"model": sd}, path)
-    else:
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    m = _model()
-    img = torch.randn(2, 3, 32, 32)
-    before = m.visual_encoder.forward_features(img)
-    report = load_deit(m, path)
-    assert report.missing == []
+def check_deit_loaded(m, sd, report, before, img):
+    """What loading `sd` (from _deit_state) into `m` must give; shared with the file tests."""
+    assert report.missing == [] and report.layout == "deit"
     assert set(report.dropped) == {"head.weight", "head.bias", "dist_token"}
     assert any("pos_embed" in c for c in report.converted)
     for k, v in sd.items():
@@ -53,6 +45,15 @@ def test_deit_loads_into_vision_encoder_with_resampled_pos_embed(tmp_path, suffi
     assert not torch.allclose(before, after)
     # The momentum copy follows the loaded weights.
     torch.testing.assert_close(m.visual_encoder_m.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])
+
+
+def test_deit_loads_into_vision_encoder_with_resampled_pos_embed():
+    _, sd = _deit_state(img=24)  # 3x3 grid; our model is 32 px -> 4x4
+    assert detect_layout(sd, ours=False) == "deit"
+    m = _model()
+    img = torch.randn(2, 3, 32, 32)
+    before = m.visual_encoder.forward_features(img)
+    check_deit_loaded(m, sd, load_state(m, sd, layout="deit", source="deit"), before, img)
 
 
 def test_resample_pos_embed_is_identity_on_same_grid_and_bicubic_otherwise():
@@ -80,9 +81,8 @@ def _hf_config(tc: TextConfig, layers: int) -> BertConfig:
     )
 
 
-def test_bert_base_uncased_layout_loads_and_matches_hf(tmp_path):
-    m = _model()
-    tc = m.cfg.text
+def bert_pretraining_state(tc: TextConfig):
+    """(HF BertForMaskedLM, the state dict bert-base-uncased ships: BertForPreTraining keys)."""
     hf = BertForMaskedLM(_hf_config(tc, tc.layers)).eval()
     # bert-base-uncased ships BertForPreTraining weights: add the NSP head and pooler keys it has.
     sd = dict(hf.state_dict())
@@ -90,13 +90,12 @@ def test_bert_base_uncased_layout_loads_and_matches_hf(tmp_path):
     sd["cls.seq_relationship.bias"] = torch.zeros(2)
     sd["bert.pooler.dense.weight"] = torch.zeros(tc.hidden, tc.hidden)
     sd["bert.pooler.dense.bias"] = torch.zeros(tc.hidden)
-    folder = tmp_path / "bert-base-uncased"
-    folder.mkdir()
-    save_file(
-        {k: v.clone().contiguous() for k, v in sd.items() if k != "cls.predictions.decoder.weight"},
-        str(folder / "model.safetensors"),
-    )
-    report = load_bert(m, folder)
+    return hf, sd
+
+
+def check_bert_loaded(m, hf, sd, report):
+    """What loading bert_pretraining_state's `sd` into `m` must give; shared with the file tests."""
+    tc = m.cfg.text
     # Only the fusion layers' cross-attention has no BERT counterpart.
     assert report.missing and all(".crossattention." in k for k in report.missing)
     assert report.unexpected == []
@@ -127,19 +126,41 @@ def test_bert_base_uncased_layout_loads_and_matches_hf(tmp_path):
     assert (
         m.text_encoder.cls.predictions.decoder.weight is m.text_encoder.bert.embeddings.word_embeddings.weight
     )
+    # The momentum copy follows the loaded weights.
+    torch.testing.assert_close(
+        m.text_encoder_m.bert.embeddings.word_embeddings.weight, sd["bert.embeddings.word_embeddings.weight"]
+    )
 
 
-def test_bert_old_gamma_beta_names_and_pytorch_bin(tmp_path):
+def test_bert_base_uncased_layout_loads_and_matches_hf():
     m = _model()
-    tc = m.cfg.text
+    hf, sd = bert_pretraining_state(m.cfg.text)
+    sd = {k: v for k, v in sd.items() if k != "cls.predictions.decoder.weight"}  # not in the shipped file
+    assert detect_layout(sd, ours=False) == "bert"
+    check_bert_loaded(m, hf, sd, load_state(m, sd, layout="bert", source="bert-base-uncased"))
+
+
+def test_bert_into_a_model_without_mlm_head_drops_the_head():
+    m = ALBEFRetrieval(tiny_model_config(), special_tokens=SPECIAL)
+    _, sd = bert_pretraining_state(m.cfg.text)
+    report = load_state(m, sd, layout="bert")
+    assert report.unexpected == [] and "cls.predictions.transform.dense.weight" in report.dropped
+
+
+def old_bert_state(tc: TextConfig) -> tuple[dict, dict]:
+    """(BertForMaskedLM state, the same with the old TF-converted LayerNorm.gamma / .beta names)."""
     sd = BertForMaskedLM(_hf_config(tc, tc.layers)).state_dict()
     old = {
         k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
         for k, v in sd.items()
     }
-    (tmp_path / "b").mkdir()
-    torch.save(old, tmp_path / "b" / "pytorch_model.bin")
-    report = load_bert(m, tmp_path / "b")
+    return sd, old
+
+
+def test_bert_old_gamma_beta_names():
+    m = _model()
+    sd, old = old_bert_state(m.cfg.text)
+    report = load_state(m, old, layout="bert")
     assert any("gamma" in c for c in report.converted)
     torch.testing.assert_close(
         m.text_encoder.bert.embeddings.LayerNorm.weight, sd["bert.embeddings.LayerNorm.weight"]
@@ -160,7 +181,8 @@ def _to_released_layout(sd: dict) -> dict:
     return out
 
 
-def test_released_albef_layout_loads_everything(tmp_path):
+def released_pretraining_model():
+    """(a model with non-trivial buffers, its state dict in the released ALBEF_4M.pth layout)."""
     src = _model()
     with torch.no_grad():
         for b in src.buffers():
@@ -185,12 +207,13 @@ def test_released_albef_layout_loads_everything(tmp_path):
     ):
         assert k in released  # the key names ALBEF_SPEC.md lists
     assert released["image_queue"].shape == (16, 20) and released["temp"].dim() == 0
-    path = tmp_path / "ALBEF_4M.pth"
-    torch.save({"model": released, "epoch": 29}, path)
+    return src, released
 
-    dst = _model()
-    report = load_albef(dst, path)
+
+def check_released_loaded(src, dst, report):
+    """`dst` after loading released_pretraining_model's state dict equals `src`."""
     assert report.missing == [] and report.unexpected == []
+    assert {"image_queue transposed", "text_queue transposed", "temp () -> (1,)"} <= set(report.converted)
     for k, v in src.state_dict().items():
         torch.testing.assert_close(dst.state_dict()[k], v, msg=k)
     img = torch.randn(2, 3, 32, 32)
@@ -202,30 +225,101 @@ def test_released_albef_layout_loads_everything(tmp_path):
     )
 
 
-def test_albef_checkpoint_at_another_resolution_is_resampled(tmp_path):
+def test_released_albef_layout_loads_everything():
+    src, released = released_pretraining_model()
+    assert detect_layout(released, ours=False) == "albef"
+    dst = _model()
+    check_released_loaded(src, dst, load_state(dst, released, layout="albef", source="ALBEF_4M.pth"))
+
+
+def test_albef_checkpoint_at_another_resolution_is_resampled():
     src = ALBEFPretrain(
         tiny_model_config(vision=VisionConfig(image_size=24, patch_size=8, width=32, depth=2, heads=2)),
         special_tokens=SPECIAL,
     )
-    torch.save({"model": _to_released_layout(src.state_dict())}, tmp_path / "a.pth")
     dst = _model()  # 32 px: 4x4 grid
-    report = load_albef(dst, tmp_path / "a.pth")
+    report = load_state(dst, _to_released_layout(src.state_dict()), layout="albef")
     assert dst.visual_encoder.pos_embed.shape == (1, 17, 32)
     assert sum("pos_embed" in c for c in report.converted) == 2  # online and momentum
 
 
-def test_shape_mismatch_is_an_error_naming_the_key(tmp_path):
+def test_shape_mismatch_is_an_error_naming_the_key():
     other = ALBEFPretrain(tiny_model_config(embed_dim=8), special_tokens=SPECIAL)
-    torch.save({"model": _to_released_layout(other.state_dict())}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"vision_proj\.weight: ours \(16, 32\), file \(8, 32\)"):
-        load_albef(_model(), tmp_path / "bad.pth")
+    dst = _model()
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match=r"vision_proj\.weight: ours \(16, 32\), file \(8, 32\)") as e:
+        load_state(dst, _to_released_layout(other.state_dict()), layout="albef", source="bad.pth")
+    assert "shape mismatch loading bad.pth" in str(e.value)
+    for k, v in dst.state_dict().items():  # checked before anything was copied
+        assert torch.equal(v, before[k]), k
 
 
-def test_unreadable_or_missing_files_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        load_albef(_model(), tmp_path / "nope.pth")
-    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth"):
-        load_albef(_model(), tmp_path / "junk.pth")
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        load_bert(_model(), tmp_path)
+def test_our_layout_loads_without_conversion():
+    src = _model()
+    with torch.no_grad():
+        src.image_queue.normal_()
+        src.queue_ptr.fill_(3)
+    dst = _model()
+    report = load_state(dst, src.state_dict(), layout="ours")
+    assert not (report.missing or report.unexpected or report.converted or report.dropped)
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+
+
+def test_queues_of_another_length_are_dropped_with_pointer_and_ids():
+    src = ALBEFRetrieval(tiny_model_config(queue_size=7), special_tokens=SPECIAL)
+    with torch.no_grad():
+        src.idx_queue.copy_(torch.arange(7))
+        src.queue_ptr.fill_(5)
+    dst = ALBEFRetrieval(tiny_model_config(queue_size=9), special_tokens=SPECIAL)
+    queue = dst.image_queue.clone()
+    report = load_state(dst, src.state_dict(), layout="ours")
+    dropped = sorted(d.split()[0] for d in report.dropped)
+    assert dropped == ["idx_queue", "image_queue", "queue_ptr", "text_queue"]
+    assert torch.equal(dst.image_queue, queue) and (dst.idx_queue == NO_ID).all() and int(dst.queue_ptr) == 0
+    assert torch.equal(dst.itm_head.weight, src.itm_head.weight)
+
+
+def test_pretraining_state_into_retrieval_model():
+    """MLM head dropped, feature queues kept (same length) with ids "none" and the pointer at 0."""
+    src = _model()
+    with torch.no_grad():
+        src.queue_ptr.fill_(4)
+    dst = ALBEFRetrieval(tiny_model_config(), special_tokens=SPECIAL)
+    report = load_state(dst, src.state_dict(), layout="ours")
+    assert report.unexpected == [] and report.missing == ["idx_queue"]
+    assert any(k.startswith("text_encoder.cls.") for k in report.dropped)
+    assert torch.equal(dst.image_queue, src.image_queue) and int(dst.queue_ptr) == 0
+    assert (dst.idx_queue == NO_ID).all()
+
+
+def test_released_retrieval_layout_converts():
+    """mscoco.pth / flickr30k.pth: a BertModel text encoder (no `bert.`), (D, Q) queues, (1, Q) ids and a
+    0-dim temp."""
+    src = ALBEFRetrieval(tiny_model_config(queue_size=7), special_tokens=SPECIAL)
+    sd = {
+        k.replace("text_encoder.bert.", "text_encoder.").replace("text_encoder_m.bert.", "text_encoder_m."): v
+        for k, v in src.state_dict().items()
+    }
+    sd["image_queue"], sd["text_queue"] = sd["image_queue"].t(), sd["text_queue"].t()
+    sd["idx_queue"] = torch.arange(7)[None]
+    sd["temp"] = torch.tensor(0.05)
+    dst = ALBEFRetrieval(tiny_model_config(queue_size=7), special_tokens=SPECIAL)
+    report = load_state(dst, sd, layout=detect_layout(sd, ours=False))
+    assert report.layout == "albef" and report.unexpected == [] and report.missing == []
+    key = "embeddings.word_embeddings.weight"
+    renamed = f"text_encoder_m.{key} -> text_encoder_m.bert.{key}"
+    assert renamed in report.converted
+    assert dst.idx_queue.tolist() == list(range(7)) and dst.temp.item() == pytest.approx(0.05)
+    assert torch.equal(dst.image_queue, src.image_queue)
+    assert torch.equal(
+        dst.text_encoder_m.bert.encoder.layer[3].crossattention.self.key.weight,
+        src.text_encoder_m.bert.encoder.layer[3].crossattention.self.key.weight,
+    )
+
+
+def test_unknown_layouts_are_errors():
+    with pytest.raises(ValueError, match="unknown weight layout 'timm'"):
+        load_state(_model(), {}, layout="timm")
+    with pytest.raises(ValueError, match="x.pth: not a layout we load"):
+        detect_layout({"foo.weight": torch.zeros(1)}, ours=False, source="x.pth")

@@ -20,8 +20,9 @@ import torch.distributed as dist  # noqa: E402
 
 from albef_ds.config import load_config  # noqa: E402
 from albef_ds.model import ALBEFPretrain  # noqa: E402
+from albef_ds.train.comm import make_queue_gather  # noqa: E402
 from albef_ds.train.dist_env import world_info_from_env  # noqa: E402
-from albef_ds.train.engine import DeepSpeedEngine, init_distributed, make_all_gather  # noqa: E402
+from albef_ds.train.engine import DeepSpeedEngine, init_distributed  # noqa: E402
 from tests.helpers import SPECIAL, tiny_model_config  # noqa: E402
 
 MOMENTUM = 0.995
@@ -52,7 +53,7 @@ def run(precision: str, info, out: Path) -> None:
     torch.manual_seed(
         1000 + info.rank
     )  # every rank starts from different weights, momentum copies and queues
-    model = ALBEFPretrain(cfg.model, special_tokens=SPECIAL, all_gather=make_all_gather(BATCH))
+    model = ALBEFPretrain(cfg.model, special_tokens=SPECIAL, all_gather=make_queue_gather(BATCH))
     eng = DeepSpeedEngine(model, cfg, torch.device("cpu"), info)
     m = eng.module
     rep = {
@@ -76,8 +77,12 @@ def run(precision: str, info, out: Path) -> None:
         image = torch.randn(BATCH, 3, 32, 32, generator=g)
         ids = torch.randint(5, 50, (BATCH, 10), generator=g)
         ids[:, 0] = SPECIAL["cls"]
-        res = eng.forward(image, ids, torch.ones_like(ids), alpha=0.4)
-        eng.micro_step(res.loss, last=True)
+        # the loaders deliver images in the engine's input dtype (bf16 here under bf16)
+        res = eng.forward(
+            image=image.to(eng.input_dtype), input_ids=ids, attention_mask=torch.ones_like(ids), alpha=0.4
+        )
+        eng.backward(res.loss)
+        eng.step(last=True)
         m.enqueue(res.image_feat_m, res.text_feat_m)  # fp32 queue, features in the training dtype
         losses.append(float(res.loss.detach().float()))
     rep["losses"] = losses

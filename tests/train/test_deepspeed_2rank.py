@@ -158,11 +158,26 @@ def test_export_matches_zero_to_fp32_and_reproduces_the_eval(ds_run, tmp_path, c
     final = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
     for k in final:
         assert torch.equal(final[k], ours[k]), k
+    # load_weights straight from the DeepSpeed folder (ZeRO partitions) = from the exported file.
+    from albef_ds.config import load_config
+    from albef_ds.model import ALBEFPretrain
+    from albef_ds.train.checkpoint import load_weights
+    from tests.helpers import SPECIAL
+
+    model_cfg = load_config(run / "config.yaml", []).model
+    from_folder, from_file = (ALBEFPretrain(model_cfg, special_tokens=SPECIAL) for _ in range(2))
+    rep = load_weights(from_folder, ckpts / "step_00000016")
+    assert rep.layout == "ours" and not (rep.missing or rep.unexpected or rep.converted)
+    load_weights(from_file, out)
+    a, b = from_folder.state_dict(), from_file.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
     # Evaluated from the exported file, a fresh model gives the live run's end-of-training numbers.
     live = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    live = next(r for r in live if r["event"] == "eval_after")
+    live = next(r for r in live if r["event"] == "eval_val")
     capsys.readouterr()
-    assert main(["evaluate", "--config", str(run / "config.yaml"), "--checkpoint", str(out)]) == 0
+    assert main(["evaluate", "pretrain", "--config", str(run / "config.yaml"), "--checkpoint", str(out)]) == 0
     got = json.loads(capsys.readouterr().out)
     for k in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
         assert got[k] == pytest.approx(live[k], abs=1e-9), k

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from albef_ds.cli import main
-from albef_ds.train.loop import EXIT_PREEMPTED
+from albef_ds.train.runtime import EXIT_PREEMPTED
 from tests.helpers import assert_same_state, launch_deepspeed
 
 ROOT = Path(__file__).resolve().parents[2]

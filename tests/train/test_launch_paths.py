@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from albef_ds.cli import main
-from tests.helpers import free_port
+from tests.helpers import torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 MPIRUN = Path(sys.executable).with_name("mpirun")
@@ -63,9 +63,12 @@ def _run(cmd: list[str]) -> str:
     return log
 
 
-def _check_run(run: Path, log: str) -> None:
+def _check_run(run: Path, log: str, source: str) -> None:
     assert "DeepSpeed ZeRO-2 on 2 ranks" in log
     reports = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r, rep in enumerate(reports):
+        assert (rep["dist"]["source"], rep["dist"]["rank"], rep["dist"]["world_size"]) == (source, r, 2)
+    assert "INFO" not in "".join(line for line in log.splitlines() if "[rank 1]" in line)
     assert [r["steps"] for r in reports] == [3, 3]
     assert reports[0]["momentum_sha256"] == reports[1]["momentum_sha256"]
 
@@ -78,25 +81,14 @@ def test_mpirun_two_ranks_pretrain(tmp_path):
     exe = str(MPIRUN if MPIRUN.exists() else shutil.which("mpirun"))
     # --allow-run-as-root: CI runs as root; --oversubscribe: 2 ranks on 2 cores.
     log = _run([exe, "-n", "2", "--allow-run-as-root", "--oversubscribe", sys.executable, *args])
-    for r in (0, 1):
-        assert f"distributed env (mpi (mpi4py)): rank {r}/2" in log
-    _check_run(run, log)
+    assert "distributed env (mpi (mpi4py)): rank 0/2" in log  # rank 0 logs INFO; the others what they found:
+    _check_run(run, log, "mpi (mpi4py)")
 
 
 def test_torchrun_two_ranks_pretrain(tmp_path):
     run, args = _pretrain_args(tmp_path)
     log = _run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            *args,
-        ]
+        torchrun(2, *args)
     )
-    for r in (0, 1):
-        assert f"distributed env (env): rank {r}/2" in log
-    _check_run(run, log)
+    assert "distributed env (env): rank 0/2" in log
+    _check_run(run, log, "env")

@@ -9,8 +9,8 @@ import torch
 
 from albef_ds.config import load_config
 from albef_ds.model import ALBEFPretrain
-from albef_ds.model.weights import load_albef
-from albef_ds.train.loop import save_checkpoint
+from albef_ds.train.checkpoint import load_weights
+from albef_ds.train.checkpoint.manager import save_consolidated as save_checkpoint
 from albef_ds.train.schedule import alpha_at, lr_at, param_groups
 from tests.helpers import SPECIAL, tiny_model_config
 
@@ -67,7 +67,7 @@ def test_checkpoint_is_atomic_and_loads_back(tmp_path, monkeypatch):
     assert path.read_bytes() == good
     assert [f.name for f in tmp_path.iterdir()] == ["ckpt.pt"]
     fresh = ALBEFPretrain(cfg.model, special_tokens=SPECIAL)
-    report = load_albef(fresh, path)
+    report = load_weights(fresh, path)
     assert report.missing == [] and report.unexpected == []
     assert fresh.temp.item() == pytest.approx(0.07)
     payload = torch.load(path, weights_only=True)
@@ -85,9 +85,11 @@ def test_torch_engine_accumulates_gradients_like_one_large_batch():
     eng.optimizer.register_step_pre_hook(lambda *_: grads.append(m.vision_proj.weight.grad.clone()))
     w = m.vision_proj.weight
     w0 = w.detach().clone()
-    eng.micro_step((w**2).sum(), last=False)
+    eng.backward((w**2).sum())
+    eng.step(last=False)
     assert grads == []  # no optimizer step after the first micro-batch
-    eng.micro_step((3 * w**2).sum(), last=True)
+    eng.backward((3 * w**2).sum())
+    eng.step(last=True)
     # Mean of the micro-batch gradients (2w and 6w): what one batch holding both would give.
     assert len(grads) == 1
     torch.testing.assert_close(grads[0], (2 * w0 + 6 * w0) / 2)

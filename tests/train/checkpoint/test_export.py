@@ -12,9 +12,8 @@ from safetensors import safe_open
 from albef_ds.cli import main
 from albef_ds.config import load_config
 from albef_ds.model import ALBEFPretrain
-from albef_ds.model.weights import load_albef
-from albef_ds.train.export import export_weights
-from albef_ds.train.loop import save_checkpoint
+from albef_ds.train.checkpoint import export_weights, load_weights
+from albef_ds.train.checkpoint.manager import save_consolidated as save_checkpoint
 from tests.helpers import SPECIAL, tiny_model_config
 
 
@@ -40,7 +39,7 @@ def test_export_round_trips_into_a_fresh_model(ckpt, tmp_path):
         meta = f.metadata()
     assert meta["albef_ds_format"] == "1" and "model" in meta["config"]
     fresh = ALBEFPretrain(cfg.model, special_tokens=SPECIAL)
-    report = load_albef(fresh, out)
+    report = load_weights(fresh, out)
     assert not report.missing and not report.unexpected and not report.converted
     for k, v in m.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k

@@ -64,8 +64,8 @@ def test_finetuning_raises_test_recall(run):
     assert after["txt_r1"] + after["img_r1"] > before["txt_r1"] + before["img_r1"], (before, after)
     assert after["r_mean"] > before["r_mean"]
     assert after["itc_txt_r1"] + after["itc_img_r1"] > before["itc_txt_r1"] + before["itc_img_r1"]
-    assert res["steps"] == 150 and [v["step"] for v in res["val"]] == [56, 112, 150]
-    best = max(res["val"], key=lambda v: v["r_mean"])
+    assert res["steps"] == 150 and [v["step"] for v in res["history"]] == [56, 112, 150]
+    best = max(res["history"], key=lambda v: v["r_mean"])
     assert res["best_step"] == best["step"] and res["best_val_r_mean"] == best["r_mean"]
 
 

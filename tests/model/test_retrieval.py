@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from albef_ds.data.karpathy import check_karpathy_eval, check_karpathy_train
-from albef_ds.eval.checkpoints import load_weights
 from albef_ds.model import ALBEFPretrain
 from albef_ds.model.retrieval import (
     NO_ID,
@@ -18,6 +17,7 @@ from albef_ds.model.retrieval import (
     sample_negatives_excluding,
 )
 from albef_ds.model.weights import OUR_FORMAT
+from albef_ds.train.checkpoint import load_weights
 from tests.helpers import SPECIAL, tiny_model_config
 
 

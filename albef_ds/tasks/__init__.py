@@ -1,0 +1,125 @@
+"""Tasks on the one Trainer, by name: `albef-ds pretrain` is the "pretrain" task, `albef-ds finetune TASK`
+every other one; `albef-ds evaluate TASK --checkpoint SOURCE` evaluates any weight source with the task's
+evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..config import Config, ConfigError
+from ..train.task import Task, TaskContext
+from ..train.trainer import StepHooks, Trainer
+from .pretrain import PretrainTask
+from .retrieval import RetrievalTask, load_eval_set
+
+log = logging.getLogger(__name__)
+
+TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask, "retrieval": RetrievalTask}
+FINETUNE_TASKS = tuple(n for n in TASKS if n != "pretrain")
+
+__all__ = [
+    "FINETUNE_TASKS",
+    "TASKS",
+    "PretrainTask",
+    "RetrievalTask",
+    "evaluate_task",
+    "make_task",
+    "train_task",
+]
+
+
+def make_task(name: str, cfg: Config) -> Task:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; the tasks are {', '.join(TASKS)}")
+    return TASKS[name](cfg)
+
+
+def train_task(cfg: Config, name: str, *, hooks: StepHooks | None = None) -> dict:
+    """Train task `name` on the ranks this process belongs to; the result dict (complete on rank 0)."""
+    return Trainer(cfg, make_task(name, cfg), hooks=hooks).fit()
+
+
+def _tensorboard(log_dir: Path, tag: str, metrics: dict, step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(log_dir)) as tb:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                tb.add_scalar(f"{tag}/{k}", v, step)
+
+
+def evaluate_task(
+    cfg: Config,
+    name: str,
+    checkpoint: str = "",
+    *,
+    split_file: str = "",
+    k_test: int = 0,
+    output: str = "",
+    tensorboard: str = "",
+    save_scores: str = "",
+    step: int = 0,
+) -> dict:
+    """Evaluate `checkpoint` (any weight source; empty = the configured initialisation) with task `name`'s
+    evaluation on split_file (default data.eval_file), on every rank a launcher started. Rank 0 writes the
+    JSON (`output`), TensorBoard scalars `eval_<task>/<split>/*` (`tensorboard`, default
+    <train.output_dir>/tensorboard when train.tensorboard) and, with `save_scores` (retrieval), the score
+    matrices. Returns the metrics (on rank 0; None elsewhere for a rank-0-only evaluation)."""
+    import torch
+
+    from ..train.dist_env import world_info_from_env
+    from ..train.runtime import build_tokenizer, resolve_device, seed_everything, special_tokens
+
+    cfg.validate()
+    task = make_task(name, cfg)
+    info = world_info_from_env()
+    device = resolve_device(cfg.train.device, info.local_rank)
+    path = split_file or cfg.data.eval_file
+    if not path:
+        raise ConfigError("nothing to evaluate on: set data.eval_file or pass --split-file")
+    image_root = (cfg.finetune.image_root or cfg.data.image_root) if split_file else cfg.data.image_root
+    eval_set = load_eval_set(cfg, path, image_root)
+    if info.world_size > 1:
+        from ..train.engine import init_distributed
+
+        init_distributed(info, device)
+    tokenizer = build_tokenizer(cfg)
+    seed_everything(cfg.train.seed)
+    ctx = TaskContext(
+        cfg=cfg,
+        info=info,
+        device=device,
+        out_dir=Path(cfg.train.output_dir),
+        tokenizer=tokenizer,
+        special_tokens=special_tokens(tokenizer),
+        extra={"label": f"checkpoint {checkpoint or cfg.model.albef_init or '(configured init)'}"},
+    )
+    model = task.build_model(ctx, init=checkpoint or None).to(device)
+    extra = {"k_test": k_test or cfg.eval.k_test, "return_scores": True} if name == "retrieval" else {}
+    out = task.evaluate(model, "val", ctx, step=step, eval_set=eval_set, **extra)
+    metrics, scores = out if isinstance(out, tuple) else (out, None)
+    if metrics is not None:
+        metrics = {
+            **metrics,
+            "world_size": info.world_size,
+            "checkpoint": str(checkpoint),
+            "split": str(path),
+        }
+    if ctx.is_main:
+        if output:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(json.dumps(metrics, indent=2) + "\n")
+        tb_dir = tensorboard or (
+            str(Path(cfg.train.output_dir) / "tensorboard") if cfg.train.tensorboard else ""
+        )
+        if tb_dir:
+            _tensorboard(Path(tb_dir), f"eval_{name}/{Path(path).stem}", metrics, step)
+        if save_scores and scores is not None:
+            torch.save({"itc": scores.itc, "i2t": scores.i2t, "t2i": scores.t2i}, Path(save_scores))
+    if info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return metrics
