@@ -1,5 +1,5 @@
 """`albef-ds` command line: pretrain, finetune TASK, evaluate TASK, export, bench throughput, data synth /
-synth-retrieval / shard / validate, launch slurm. Each sub-command names its function
+synth-retrieval / synth-vqa / shard / validate, launch slurm. Each sub-command names its function
 (`set_defaults(func=...)`)."""
 
 from __future__ import annotations
@@ -85,6 +85,26 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval_args(e)
     e.add_argument("--k-test", type=int, default=0, help="re-rank depth (default: eval.k_test)")
     e.add_argument("--save-scores", default="", help="also save the score matrices (torch file)")
+    e = esub.add_parser(
+        "vqa",
+        help="answer a VQA split by ranking the answer list; VQA accuracy + the EvalAI file",
+        description="Answer every question of a VQA JSON (default vqa.test_file, else vqa.val_file; or "
+        "--split-file) on every rank a launcher started, each rank its share: the decoder's first-token "
+        "probabilities on [CLS] keep the top-k answers of vqa.answer_list, their sequence log-likelihoods "
+        "pick the answer. Writes the EvalAI result file [{question_id, answer}] (every question once) and, "
+        "when the split has human answers, the VQA accuracy. The checkpoint may be a pre-trained one (the "
+        "decoder starts from its fusion layers) or a fine-tuned VQA one; missing decoder weights are an "
+        "error.",
+    )
+    _add_eval_args(e)
+    e.add_argument(
+        "--k-test", type=int, default=0, help="answers re-scored per question (default vqa.k_test)"
+    )
+    e.add_argument(
+        "--answers-file",
+        default="",
+        help="EvalAI result file (default <train.output_dir>/vqa_<split file stem>_answers.json)",
+    )
 
     p = sub.add_parser(
         "finetune", help="fine-tuning tasks", description="Fine-tuning tasks on the one trainer."
@@ -100,6 +120,20 @@ def _parser() -> argparse.ArgumentParser:
         "val r_mean in checkpoint_best.pt and evaluates the test split with it at the end (results.json). "
         "train.engine=torch (one process) or deepspeed (ZeRO-2, any number of ranks); SIGTERM/SIGUSR1 "
         "checkpoint and exit 85, train.resume=auto continues (on any rank count).",
+    )
+    _add_config_args(f)
+    f.set_defaults(func=_cmd_train)
+    f = fsub.add_parser(
+        "vqa",
+        help="VQA fine-tuning: the answer decoder, answer-list ranking, VQA accuracy, EvalAI file",
+        description="Fine-tune ALBEF for VQA from model.albef_init (a pre-trained checkpoint: the 6-layer "
+        "answer decoder starts from its fusion layers, embeddings and MLM head). Loss: per-answer summed "
+        "token loss with momentum distillation, weighted by answer frequency, over the questions. Every "
+        "vqa.eval_every epochs the local split (vqa.val_file) is answered by ranking vqa.answer_list (top "
+        "vqa.k_test by first-token probability, re-scored by sequence log-likelihood) and scored with the "
+        "VQA accuracy; the best is kept in checkpoint_best.pt, which answers vqa.test_file at the end into "
+        "<output_dir>/vqa_test_answers.json (EvalAI). results.json holds val, test and the majority-answer "
+        "baseline. Engines, preemption and resume as for every task.",
     )
     _add_config_args(f)
     f.set_defaults(func=_cmd_train)
@@ -164,6 +198,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_args(s)
     s.set_defaults(func=_cmd_synth_retrieval)
+    s = dsub.add_parser(
+        "synth-vqa",
+        help="synthetic VQA questions about generated images (vqa.synth.*), in the VQA v2 layout",
+        description="Write images of one to three objects with questions about colour, shape, size, "
+        "horizontal position, count and presence, 10 human answers each (with realistic disagreement), "
+        "train/val/test JSON lists in the ALBEF VQA layout and answer_list.json into vqa.synth.out_dir. "
+        "Skips the work when a complete set with the same settings is there.",
+    )
+    _add_config_args(s)
+    s.add_argument("--force", action="store_true", help="regenerate even if a complete set exists")
+    s.set_defaults(func=_cmd_synth_vqa)
     s = dsub.add_parser(
         "shard",
         help="convert JSON image-text lists into webdataset tar shards",
@@ -230,6 +275,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"ITC retrieval R@1 before -> after: text {before['txt_r1']:.1f} -> {val['txt_r1']:.1f}, "
                 f"image {before['img_r1']:.1f} -> {val['img_r1']:.1f}"
             )
+        elif args.task == "vqa" and val:
+            base = result.get("baseline", {})
+            print(
+                f"vqa fine-tuning: best epoch {result.get('best_epoch')}, val accuracy {val['accuracy']:.2f} "
+                f"(majority answer {base.get('val_majority_accuracy', float('nan')):.2f})"
+                + (f", test answers in {test['answers_file']}" if test else "")
+            )
         elif test and "r_mean" in test:
             print(
                 f"{args.task} fine-tuning: best epoch {result.get('best_epoch')}, test TR R@1 "
@@ -250,6 +302,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         output=args.output,
         tensorboard=args.tensorboard,
         save_scores=getattr(args, "save_scores", ""),
+        answers_file=getattr(args, "answers_file", ""),
         step=args.step,
     )
     if _is_rank0():
@@ -319,6 +372,15 @@ def _cmd_synth_retrieval(args: argparse.Namespace) -> int:
     synth = generate_synthetic(cfg.data.synth)
     out = write_synthetic_karpathy(synth, f.train_file[0], f.val_file, f.test_file, num_val=f.synth_num_val)
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def _cmd_synth_vqa(args: argparse.Namespace) -> int:
+    from .data.synth_vqa import generate_synthetic_vqa
+
+    cfg = _config(args)
+    out = generate_synthetic_vqa(cfg.vqa.synth, force=args.force)
+    print(f"synthetic VQA set in {out}")
     return 0
 
 

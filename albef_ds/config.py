@@ -166,6 +166,43 @@ class FinetuneConfig:
 
 
 @dataclass
+class VQASynthConfig:
+    """`albef-ds data synth-vqa`: questions about generated images of one to three objects."""
+
+    out_dir: str = "data/synth_vqa"  # images, train/val/test JSON (VQA v2 layout) and answer_list.json
+    num_train: int = 1500  # training images (several questions each)
+    num_val: int = 150  # local-split images (10 human answers per question: VQA accuracy)
+    num_test: int = 150  # test images (the EvalAI-style answer file; answers kept for a local check)
+    questions_per_image: int = 3
+    image_size: int = 80  # side of the generated JPEGs
+    seed: int = 0
+
+
+@dataclass
+class VQAConfig:
+    """VQA fine-tuning on the ALBEF/LAVIS JSON layout: [{"image", "question", "answer": [str] (vqa: the 10
+    human answers) | str (vg), "dataset": "vqa" | "vg", "question_id"}]. Starts from model.albef_init."""
+
+    train_file: list[str] = field(default_factory=list)  # vqa_train, vqa_val, vg_qa JSON lists
+    val_file: str = ""  # local split with human answers: VQA accuracy, picks the best epoch; "" = none
+    test_file: str = ""  # questions answered into <output_dir>/vqa_test_answers.json (EvalAI); "" = none
+    vqa_root: str = ""  # folder of the 'vqa' records' images; "" = relative to each JSON file's folder
+    vg_root: str = ""  # folder of the 'vg' records' images; "" = relative to each JSON file's folder
+    answer_list: str = ""  # JSON list of the candidate answers ranked at inference (3,128 for VQA v2)
+    vg_weight: float = 0.5  # loss weight of a Visual Genome answer (the reference 0.5; LAVIS 1.0)
+    k_test: int = 128  # answers re-scored per question (top-k by first-token probability)
+    first_token_double_count: bool = False  # the reference's score: sequence log-likelihood + log p(first)
+    flip_swaps_left_right: bool = True  # a horizontally flipped image swaps left/right in its question
+    max_question_words: int = 30  # training questions keep at most this many words (data.max_tokens caps)
+    eval_max_question_words: int = 50  # evaluation questions: words kept ...
+    eval_max_tokens: int = 40  # ... and tokens (special tokens included)
+    max_answer_tokens: int = 10  # answer tokens kept, [CLS] and [SEP] included
+    eval_every: int = 1  # evaluate the val split every N epochs (and after the last)
+    rank_batch: int = 2048  # candidate answers scored per decoder pass at inference
+    synth: VQASynthConfig = field(default_factory=VQASynthConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,6 +211,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    vqa: VQAConfig = field(default_factory=VQAConfig)
 
     def validate(self) -> None:
         """Cross-field checks; every message names the fields involved."""
@@ -243,6 +281,21 @@ class Config:
             )
         if self.finetune.eval_every < 1:
             raise ConfigError(f"finetune.eval_every must be >= 1, got {self.finetune.eval_every}")
+        q = self.vqa
+        for name in ("k_test", "max_question_words", "eval_max_question_words", "eval_every", "rank_batch"):
+            if getattr(q, name) < 1:
+                raise ConfigError(f"vqa.{name} must be >= 1, got {getattr(q, name)}")
+        if q.max_answer_tokens < 3:
+            raise ConfigError(
+                f"vqa.max_answer_tokens must be >= 3 ([CLS] answer [SEP]), got {q.max_answer_tokens}"
+            )
+        if q.eval_max_tokens < 2 or q.eval_max_tokens > t.max_position:
+            raise ConfigError(
+                f"vqa.eval_max_tokens ({q.eval_max_tokens}) must lie in 2..model.text.max_position "
+                f"({t.max_position})"
+            )
+        if q.vg_weight < 0:
+            raise ConfigError(f"vqa.vg_weight must be >= 0, got {q.vg_weight}")
 
 
 # ---------------------------------------------------------------------------------------- loading

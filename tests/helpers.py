@@ -114,6 +114,42 @@ def launch_deepspeed(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 
 
+def signal_ranks_at(
+    ranks: int, args: list[str], line_marker: str, *, timeout: float = 400
+) -> tuple[int, str]:
+    """Launch `deepspeed --num_gpus <ranks> --module albef_ds.cli <args>` (one thread per rank), send SIGUSR1
+    to every rank (as srun delivers it to every task) once `line_marker` is logged; returns the launcher's
+    exit status and its output."""
+    import signal
+    import time
+
+    import psutil
+
+    exe = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(exe), "--num_gpus", str(ranks), "--no_local_rank", "--master_port", str(free_port())]
+    cmd += ["--module", "albef_ds.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline, seen = time.time() + timeout, []
+    for line in proc.stdout:
+        seen.append(line)
+        if line_marker in line:
+            procs = [
+                c
+                for c in psutil.Process(proc.pid).children(recursive=True)
+                if "albef_ds.cli" in c.cmdline() and not any("deepspeed.launcher" in a for a in c.cmdline())
+            ]
+            assert len(procs) == ranks, [c.cmdline() for c in procs]
+            for c in procs:
+                c.send_signal(signal.SIGUSR1)
+            break
+        assert time.time() < deadline, "no training progress: " + "".join(seen[-20:])
+    rest = proc.communicate(timeout=timeout)[0]
+    return proc.returncode, "".join(seen) + rest
+
+
 FT_CFG = str(ROOT / "configs/finetune_debug.yaml")
 
 

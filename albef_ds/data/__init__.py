@@ -6,8 +6,9 @@
 * `sources` (JSON lists and webdataset shards behind one interface, image checks), on `annotations`;
 * `datasets` (image-text dataset and collator: the torch reference backend), `dali` (the DALI backend),
   `evalset` (retrieval eval images and captions);
-* `loaders` (the training loader builders; imports `dali` only when data.loader = dali), `karpathy`
-  (retrieval data in the Karpathy layout).
+* `loaders` (the training loader builders; imports `dali` only when data.loader = dali);
+* the tasks' data on top: `karpathy` (retrieval data in the Karpathy layout), `vqa` (VQA records, answer
+  targets, the VQA training loader and evaluation set).
 """
 
 from .annotations import load_annotations
@@ -19,6 +20,16 @@ from .sources import ImageTextSource, open_source, validate_source, write_shards
 from .synth import generate_synthetic, synthetic_ready
 from .text import SPECIAL_TOKENS, TextTokenizer, clean_caption, train_wordpiece_vocab
 from .transforms import CLIP_MEAN, CLIP_STD, RandomAugment, apply_op, eval_transform, pretrain_transform
+from .vqa import (
+    VQAEvalSet,
+    answer_targets,
+    build_vqa_train_loader,
+    clean_question,
+    load_answer_list,
+    load_vqa_records,
+    swap_left_right,
+    tokenize_answers,
+)
 
 __all__ = [
     "CLIP_MEAN",
@@ -45,4 +56,12 @@ __all__ = [
     "pretrain_transform",
     "synthetic_ready",
     "train_wordpiece_vocab",
+    "VQAEvalSet",
+    "answer_targets",
+    "build_vqa_train_loader",
+    "clean_question",
+    "load_answer_list",
+    "load_vqa_records",
+    "swap_left_right",
+    "tokenize_answers",
 ]

@@ -16,6 +16,10 @@ Design (what makes the loader reproducible, resumable and crash-proof):
   PIL, cleans and tokenises the captions, one batch ahead of the training thread. Should the decoder still
   fail on a batch (a stream corrupt in the middle), the batch is re-run sample by sample on a fresh
   pipeline and the failing samples are skipped and counted.
+* **The text side is a hook object** (`CaptionText`, the default: one caption per image). It draws a
+  sample's text before the crop window, finishes it once the flip is known (VQA swaps left/right in a
+  flipped sample's question and answers: `vqa.VQAText`) and turns a batch's texts into tensors, so another
+  kind of sample reuses the loader's reading, drawing, prefetching and failure handling unchanged.
 
 Training transform: random resized crop (scale `crop_scale`, ratio 3/4-4/3, torchvision's 10-try
 algorithm; only the crop window is decoded: `decoders.image_slice`), bicubic antialiased resize to S x S,
@@ -41,6 +45,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -313,7 +318,7 @@ class _Prepared:
     index: list[int]
     idx: list[int]
     names: list[str]
-    text: dict[str, torch.Tensor] | None
+    text: Any  # the text side's `encode` of the kept samples' texts; None when no sample was kept
     skipped: int
 
 
@@ -331,13 +336,49 @@ def dali_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.nd
     return np.frombuffer(data, dtype=np.uint8), check.width, check.height
 
 
+class CaptionText:
+    """The text side of `DaliImageTextLoader` for image-text pairs: one cleaned caption per image, tokenised.
+
+    The loader calls, on its prefetch thread, `draw(source, i, rng)` for each usable sample before it draws
+    the crop window from `rng` (the sample's generator; here: the caption choice when an entry has several),
+    `finish(draft, flipped)` once the flip is drawn (must not draw), and `encode(texts)` on the finished texts
+    of a batch; on the training thread `tensors(encoded, rows)`, the batch's text tensors for the rows whose
+    image the pipeline decoded, and `empty()`, the keys a batch with no sample adds to `batch.empty_batch`'s.
+    Another kind of sample (`vqa.VQAText`) implements the same five methods.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, max_words: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_words = max_words
+
+    def draw(self, source: ImageTextSource, i: int, rng: np.random.Generator) -> str:
+        cap = source.caption(i)
+        if isinstance(cap, tuple):
+            cap = cap[int(rng.integers(0, len(cap)))]
+        return cap
+
+    def finish(self, caption: str, flipped: bool) -> str:
+        return clean_caption(caption, self.max_words)
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(captions)  # input_ids / attention_mask [B, L]
+
+    def tensors(self, encoded: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+        sel = torch.tensor(rows, dtype=torch.long)
+        return {"input_ids": encoded["input_ids"][sel], "attention_mask": encoded["attention_mask"][sel]}
+
+    def empty(self) -> dict:
+        return {}  # empty_batch already holds input_ids / attention_mask
+
+
 class DaliImageTextLoader:
     """Training batches from a DALI pipeline in the project's batch format.
 
     Iterating yields ``{"image": float [B, 3, S, S] on `device` in `dtype`, "input_ids", "attention_mask":
     long [B, L], "index": long [B], "num_skipped": int}`` (+ ``"idx"``: long [B] image ids when `with_idx`)
     for the sampler's current epoch and start (`sampler.set_epoch`, `sampler.set_start`). B < batch_size
-    when images were skipped.
+    when images were skipped. `text` replaces the caption side (`CaptionText(tokenizer, max_words)`) by
+    another text side; its `tensors` then give the batch's keys between "image" and "index".
     """
 
     def __init__(
@@ -360,6 +401,7 @@ class DaliImageTextLoader:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         with_idx: bool = False,
         prefetch: int = 2,
+        text: Any = None,
     ) -> None:
         _require_dali()
         if len(source) != sampler.num_samples:
@@ -381,6 +423,7 @@ class DaliImageTextLoader:
         self.max_pixels = max_pixels
         self.with_idx = with_idx
         self.prefetch = max(1, prefetch)
+        self.text = CaptionText(tokenizer, max_words) if text is None else text
         self._pipe = None
 
     def __len__(self) -> int:
@@ -393,7 +436,7 @@ class DaliImageTextLoader:
             feeds["flip"] = []
         for j in range(self.randaug_n):
             feeds[f"op{j}"], feeds[f"mat{j}"], feeds[f"fac{j}"] = [], [], []
-        kept, idx, names, captions, skipped = [], [], [], [], 0
+        kept, idx, names, texts, skipped = [], [], [], [], 0
         for i in indices:
             try:
                 enc, w, h = dali_bytes(self.source.read(i), self.max_pixels)
@@ -402,15 +445,15 @@ class DaliImageTextLoader:
                 skipped += 1
                 continue
             rng = np.random.default_rng(sample_seed(self.seed, epoch, i))
-            cap = self.source.caption(i)
-            if isinstance(cap, tuple):
-                cap = cap[int(rng.integers(0, len(cap)))]
+            draft = self.text.draw(self.source, i, rng)
             top, left, ch, cw = rrc_params(rng, w, h, self.crop_scale)
             feeds["encoded"].append(enc)
             feeds["anchor"].append(np.array([top, left], np.float32))
             feeds["shape"].append(np.array([ch, cw], np.float32))
+            flipped = False
             if self.hflip:
-                feeds["flip"].append(np.array(int(rng.random() < 0.5), np.int32))
+                flipped = bool(rng.random() < 0.5)
+                feeds["flip"].append(np.array(int(flipped), np.int32))
             for j, (code, mat, fac) in enumerate(
                 randaug_params(rng, self.randaug_n, self.randaug_m, self.image_size)
             ):
@@ -420,9 +463,9 @@ class DaliImageTextLoader:
             kept.append(i)
             idx.append(self.source.image_id(i))
             names.append(self.source.name(i))
-            captions.append(clean_caption(cap, self.max_words))
-        text = self.tokenizer(captions) if captions else None
-        return _Prepared(feeds, kept, idx, names, text, skipped)
+            texts.append(self.text.finish(draft, flipped))
+        encoded = self.text.encode(texts) if texts else None
+        return _Prepared(feeds, kept, idx, names, encoded, skipped)
 
     # -- device side (training thread) --
     def _pipeline(self):
@@ -473,14 +516,13 @@ class DaliImageTextLoader:
             empty = torch.zeros(
                 (0, 3, self.image_size, self.image_size), device=self.device, dtype=self.dtype
             )
-            return empty_batch(prep.skipped, empty, self.with_idx)
+            return {**empty_batch(prep.skipped, empty, self.with_idx), **self.text.empty()}
         images, rows = self._images(prep)
         skipped = prep.skipped + len(prep.index) - len(rows)
         sel = torch.tensor(rows, dtype=torch.long)
         batch = {
             "image": images.to(self.dtype),
-            "input_ids": prep.text["input_ids"][sel],
-            "attention_mask": prep.text["attention_mask"][sel],
+            **self.text.tensors(prep.text, rows),
             "index": torch.tensor(prep.index, dtype=torch.long)[sel],
             "num_skipped": skipped,
         }

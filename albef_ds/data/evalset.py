@@ -1,6 +1,7 @@
 """Held-out retrieval sets: the images, the flattened cleaned captions and the image <-> text index maps,
 with the images served in order through the PIL reference (`EvalImageDataset`) or DALI (imported only when
-selected). Eval sets must be complete: an unreadable or missing image is an error, never skipped.
+selected): `eval_image_batches`, shared with the other tasks' eval sets (`vqa.VQAEvalSet`). Eval sets must be
+complete: an unreadable or missing image is an error, never skipped.
 """
 
 from __future__ import annotations
@@ -43,7 +44,70 @@ class EvalImageDataset(Dataset):
         return self.transform(img), i
 
 
-class RetrievalEvalSet:
+def eval_image_batches(
+    paths: list[str],
+    start: int,
+    end: int,
+    *,
+    image_size: int,
+    loader: str,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Images paths[start:end] with the eval transform, in order: (float [B, 3, S, S], LongTensor [B] indices
+    into `paths`), through the PIL reference (DataLoader with `num_workers`) or DALI (`num_workers` threads;
+    the images arrive on `device`), as `loader` ("torch" | "dali") says."""
+    if end <= start:
+        return iter(())
+    if loader == "dali":
+        from .dali import DaliEvalImages
+
+        it = DaliEvalImages(
+            paths[start:end],
+            image_size=image_size,
+            batch_size=batch_size,
+            num_threads=max(1, num_workers),
+            device=device,
+        )
+        return ((x, ids + start) for x, ids in it)
+    ds = torch.utils.data.Subset(EvalImageDataset(paths, eval_transform(image_size)), range(start, end))
+    return iter(DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers))
+
+
+class EvalImages:
+    """`image_batches` for an evaluation set with `images` (paths), `image_size` and `loader` attributes."""
+
+    images: list[str]
+    image_size: int
+    loader: str
+
+    def image_batches(
+        self,
+        start: int,
+        end: int,
+        *,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        num_workers: int = 0,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Images start..end-1 with the eval transform (bicubic resize to S x S, CLIP normalisation), in
+        order: (float [B, 3, S, S], LongTensor [B] indices into `images`), through the PIL reference
+        (DataLoader with `num_workers`) or DALI (`num_workers` threads; the images arrive on `device`), as
+        `loader` says."""
+        return eval_image_batches(
+            self.images,
+            start,
+            end,
+            image_size=self.image_size,
+            loader=self.loader,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+        )
+
+
+class RetrievalEvalSet(EvalImages):
     """A held-out image-text set for retrieval: images, flattened cleaned captions and the index maps.
 
     texts: [T] cleaned captions; img2txt[i]: indices into texts of image i's captions; txt2img[t]: the image
@@ -91,31 +155,3 @@ class RetrievalEvalSet:
 
     def image_dataset(self) -> EvalImageDataset:
         return EvalImageDataset(self.images, eval_transform(self.image_size))
-
-    def image_batches(
-        self,
-        start: int,
-        end: int,
-        *,
-        batch_size: int,
-        device: torch.device | str = "cpu",
-        num_workers: int = 0,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Images start..end-1 with the eval transform, in order: (float [B, 3, S, S], LongTensor [B] image
-        indices), through the PIL reference (DataLoader with `num_workers`) or DALI (`num_workers` threads;
-        the images arrive on `device`), as `loader` says."""
-        if end <= start:
-            return iter(())
-        if self.loader == "dali":
-            from .dali import DaliEvalImages
-
-            it = DaliEvalImages(
-                self.images[start:end],
-                image_size=self.image_size,
-                batch_size=batch_size,
-                num_threads=max(1, num_workers),
-                device=device,
-            )
-            return ((x, ids + start) for x, ids in it)
-        ds = torch.utils.data.Subset(self.image_dataset(), range(start, end))
-        return iter(DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers))

@@ -1,7 +1,8 @@
 """The training loader builders: a `ShardedEpochSampler` over an image-text source and one of two backends,
 as `data.loader` says: "torch" (an `ImageTextDataset` + `ImageTextCollator` in DataLoader workers, the
 reference) or "dali" (`dali.DaliImageTextLoader`, imported only when selected). Both yield the batch format
-of `batch`.
+of `batch`. What a sample holds beyond its image is a `SampleKind`: image-text pairs by default; a task with
+other samples (`vqa.VQASamples`) passes its own dataset, collator and DALI text side.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .datasets import ImageTextCollator, ImageTextDataset
 from .sampler import ShardedEpochSampler
@@ -19,6 +20,44 @@ from .text import TextTokenizer
 from .transforms import pretrain_transform
 
 logger = logging.getLogger(__name__)
+
+
+class SampleKind:
+    """What `build_train_loader` builds around its sampler for one kind of training sample: the torch
+    backend's dataset and collator and the DALI loader's text side. This base class: image-text pairs, one
+    caption each, in the batch format of `batch` (pre-training, retrieval fine-tuning)."""
+
+    noun = "pairs"  # what the log line counts
+
+    def dataset(
+        self,
+        source: ImageTextSource,
+        data_cfg,
+        tokenizer: TextTokenizer,
+        *,
+        image_size: int,
+        aug: dict,
+        seed: int,
+        with_idx: bool,
+    ) -> Dataset:
+        """The torch dataset over `source`; `aug`: the augmentation keywords of `pretrain_transform`. Its
+        `set_epoch(epoch)` is called before each epoch (per-sample seeds)."""
+        return ImageTextDataset(
+            source,
+            transform=pretrain_transform(image_size, **aug),
+            max_words=data_cfg.max_words,
+            seed=seed,
+            max_pixels=data_cfg.max_image_pixels,
+            with_idx=with_idx,
+        )
+
+    def collator(self, tokenizer: TextTokenizer, *, with_idx: bool):
+        """The torch backend's collate_fn: samples (None = skipped) -> a batch."""
+        return ImageTextCollator(tokenizer, with_idx)
+
+    def dali_text(self, tokenizer: TextTokenizer, data_cfg):
+        """The DALI loader's text side (see `dali.CaptionText`); None = that default."""
+        return None
 
 
 class _WorkerSeeder:
@@ -42,14 +81,17 @@ def build_train_loader(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     with_idx: bool = False,
+    kind: SampleKind | None = None,
 ):
     """A training loader over `source` and its `ShardedEpochSampler`, as `data_cfg.loader` says.
 
     "dali": `dali.DaliImageTextLoader` (batches on `device` in `dtype`). "torch": a DataLoader over an
     `ImageTextDataset` with `ImageTextCollator`. With `with_idx` the batches carry "idx" =
     `source.image_id` (retrieval fine-tuning). Both use the pre-training transform of `data_cfg`
-    (crop_scale, hflip, RandAugment) at `image_size` and drop the last partial batch.
+    (crop_scale, hflip, RandAugment) at `image_size` and drop the last partial batch. `kind` (default:
+    image-text pairs) supplies the dataset, collator and DALI text side of another kind of sample.
     """
+    kind = SampleKind() if kind is None else kind
     workers = data_cfg.num_workers if num_workers is None else num_workers
     aug = {
         "crop_scale": tuple(data_cfg.crop_scale),
@@ -76,17 +118,12 @@ def build_train_loader(
             dtype=dtype,
             max_pixels=data_cfg.max_image_pixels,
             with_idx=with_idx,
+            text=kind.dali_text(tokenizer, data_cfg),
             **aug,
         )
     else:
-        transform = pretrain_transform(image_size, **aug)
-        dataset = ImageTextDataset(
-            source,
-            transform=transform,
-            max_words=data_cfg.max_words,
-            seed=seed,
-            max_pixels=data_cfg.max_image_pixels,
-            with_idx=with_idx,
+        dataset = kind.dataset(
+            source, data_cfg, tokenizer, image_size=image_size, aug=aug, seed=seed, with_idx=with_idx
         )
         sampler = ShardedEpochSampler(
             len(dataset),
@@ -102,7 +139,7 @@ def build_train_loader(
             batch_size=batch_size,
             sampler=sampler,
             num_workers=workers,
-            collate_fn=ImageTextCollator(tokenizer, with_idx),
+            collate_fn=kind.collator(tokenizer, with_idx=with_idx),
             drop_last=True,
             pin_memory=False,
             persistent_workers=False,  # workers must be re-created per epoch to see the dataset's new epoch
@@ -110,9 +147,10 @@ def build_train_loader(
             generator=torch.Generator().manual_seed(seed + rank),  # worker base seeds, not the global RNG
         )
     logger.info(
-        "training loader (%s): %d pairs, rank %d/%d, %d batches of %d per epoch, %d %s",
+        "training loader (%s): %d %s, rank %d/%d, %d batches of %d per epoch, %d %s",
         data_cfg.loader,
         len(source),
+        kind.noun,
         rank,
         world_size,
         sampler.batches_per_epoch,

@@ -10,11 +10,13 @@ captions wrong half of the time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +77,19 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def contrasting_backgrounds(colours: list[str] | tuple[str, ...]) -> list[str]:
+    """The background names (in BACKGROUNDS order) far enough from every object colour named in `colours`."""
+    objs = [np.array(COLOURS[c], dtype=np.float64) for c in colours]
+    return [
+        b
+        for b, c in BACKGROUNDS.items()
+        if all(np.linalg.norm(np.subtract(c, obj)) >= _MIN_CONTRAST for obj in objs)
+    ]
+
+
 def _sample_attributes(rng: np.random.Generator) -> dict[str, str]:
     colour = str(rng.choice(list(COLOURS)))
-    obj = np.array(COLOURS[colour], dtype=np.float64)
-    bgs = [b for b, c in BACKGROUNDS.items() if np.linalg.norm(np.subtract(c, obj)) >= _MIN_CONTRAST]
+    bgs = contrasting_backgrounds([colour])
     return {
         "shape": str(rng.choice(SHAPES)),
         "colour": colour,
@@ -106,13 +117,12 @@ def _captions(attrs: dict[str, str], n: int, rng: np.random.Generator) -> list[s
     return [_TEMPLATES[int(k)].format(**fields) for k in picks]
 
 
-def _background(attrs: dict[str, str], size: int, rng: np.random.Generator) -> np.ndarray:
-    """Textured background, uint8 [size, size, 3]."""
-    base = np.array(BACKGROUNDS[attrs["background"]], dtype=np.float32)
+def textured_background(background: str, texture: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A `texture` pattern in shades of the BACKGROUNDS colour `background`, uint8 [size, size, 3]."""
+    base = np.array(BACKGROUNDS[background], dtype=np.float32)
     yy, xx = np.mgrid[0:size, 0:size]  # [S, S] pixel coordinates
     period = int(rng.integers(max(4, size // 12), max(6, size // 6) + 1))
     phase = int(rng.integers(0, period))
-    texture = attrs["texture"]
     if texture == "striped":
         axis = yy if rng.random() < 0.5 else xx
         pattern = ((axis + phase) // (period // 2 or 1)) % 2
@@ -130,6 +140,47 @@ def _background(attrs: dict[str, str], size: int, rng: np.random.Generator) -> n
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def object_colour(colour: str, rng: np.random.Generator) -> tuple[int, int, int]:
+    """The RGB fill of a COLOURS entry with a small random jitter, so a colour is a cluster, not a point."""
+    jitter = rng.integers(-12, 13, size=3)
+    return tuple(int(v) for v in np.clip(np.add(COLOURS[colour], jitter), 0, 255))
+
+
+def shape_box(shape: str, centre: tuple[float, float], radius: float) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1): the extent `draw_shape` fills for this shape, centre (x, y) and radius."""
+    cx, cy = centre
+    if shape == "square":
+        h = radius * 0.85
+        return (cx - h, cy - h, cx + h, cy + h)
+    if shape == "triangle":
+        return (cx - radius, cy - radius, cx + radius, cy + 0.8 * radius)
+    return (cx - radius, cy - radius, cx + radius, cy + radius)
+
+
+def draw_shape(
+    img: Image.Image, shape: str, centre: tuple[float, float], radius: float, fill: tuple[int, int, int]
+) -> None:
+    """Draw one of SHAPES filled with `fill`, centred at (x, y) with half-extent `radius` (pixels)."""
+    cx, cy = centre
+    r = radius
+    d = ImageDraw.Draw(img)
+    if shape == "circle":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        h = r * 0.85
+        d.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+    elif shape == "diamond":
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif shape == "cross":  # a plus sign of two bars
+        t = r * 0.33
+        d.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
+        d.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
 def _draw_object(img: Image.Image, attrs: dict[str, str], rng: np.random.Generator) -> None:
     s = img.size[0]
     lo, hi = _RADIUS[attrs["size"]]
@@ -138,23 +189,7 @@ def _draw_object(img: Image.Image, attrs: dict[str, str], rng: np.random.Generat
     cx = s * (0.5 + float(rng.uniform(-0.15, 0.15)))  # small horizontal jitter (position is vertical only)
     cx = min(max(cx, r + 1), s - r - 1)
     cy = min(max(cy, r + 1), s - r - 1)
-    jitter = rng.integers(-12, 13, size=3)
-    colour = tuple(int(v) for v in np.clip(np.add(COLOURS[attrs["colour"]], jitter), 0, 255))
-    d = ImageDraw.Draw(img)
-    shape = attrs["shape"]
-    if shape == "circle":
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
-    elif shape == "square":
-        h = r * 0.85
-        d.rectangle((cx - h, cy - h, cx + h, cy + h), fill=colour)
-    elif shape == "triangle":
-        d.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=colour)
-    elif shape == "diamond":
-        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
-    else:  # cross: a plus sign of two bars
-        t = r * 0.33
-        d.rectangle((cx - r, cy - t, cx + r, cy + t), fill=colour)
-        d.rectangle((cx - t, cy - r, cx + t, cy + r), fill=colour)
+    draw_shape(img, attrs["shape"], (cx, cy), r, object_colour(attrs["colour"], rng))
 
 
 def _make_split(
@@ -165,7 +200,7 @@ def _make_split(
         attrs = _sample_attributes(rng)
         n_caps = 3 if split == "train" else int(rng.integers(2, 4))  # eval: 2-3 captions per image
         captions = _captions(attrs, n_caps, rng)
-        img = Image.fromarray(_background(attrs, cfg.image_size, rng))
+        img = Image.fromarray(textured_background(attrs["background"], attrs["texture"], cfg.image_size, rng))
         _draw_object(img, attrs, rng)
         name = f"images/{split}_{i:06d}.jpg"
         img.save(folder / name, format="JPEG", quality=90)
@@ -195,6 +230,34 @@ def synthetic_ready(cfg: SynthConfig) -> bool:
 _OUR_FILES = {"images", "train.json", "eval.json", "vocab.txt", "DONE"}
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path, our_files: set[str], is_ready: Callable[[], bool], what: str) -> Iterator[Path]:
+    """Write a generated data set into a sibling temporary folder (yielded, with an images/ folder) that
+    replaces `out` when the block completes and is removed when it raises: a half-written set never looks
+    complete. `out` may only hold `our_files` (a stale set of ours), else it is refused; if another process
+    completed the same set first (`is_ready`), theirs is kept."""
+    if out.exists() and not (out.is_dir() and set(os.listdir(out)) <= our_files):
+        raise FileExistsError(f"{out} exists and does not look like a {what}; not overwriting it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "images").mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)  # a stale set of ours (checked above)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not is_ready():
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def generate_synthetic(cfg: SynthConfig, *, progress: bool = True, force: bool = False) -> Path:
     """Write the synthetic set into cfg.out_dir and return that path; reuses a complete matching set.
 
@@ -211,14 +274,7 @@ def generate_synthetic(cfg: SynthConfig, *, progress: bool = True, force: bool =
             f"synthetic set needs num_train >= 1, num_eval >= 1 and image_size >= 16; got "
             f"{cfg.num_train}, {cfg.num_eval}, {cfg.image_size}"
         )
-    if out.exists() and not (out.is_dir() and set(os.listdir(out)) <= _OUR_FILES):
-        raise FileExistsError(f"{out} exists and does not look like a synthetic set; not overwriting it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "images").mkdir(parents=True)
-    try:
+    with staged_folder(out, _OUR_FILES, lambda: synthetic_ready(cfg), "synthetic set") as tmp:
         # Independent seed streams: train and eval draws never shift each other when counts change.
         rng_train = np.random.default_rng([cfg.seed, 0])
         rng_eval = np.random.default_rng([cfg.seed, 1])
@@ -232,17 +288,6 @@ def generate_synthetic(cfg: SynthConfig, *, progress: bool = True, force: bool =
         texts = [clean_caption(c, 30) for e in train + held_out for c in e["caption"]]
         train_wordpiece_vocab(texts, tmp / "vocab.txt", cfg.vocab_size)
         (tmp / "DONE").write_text(json.dumps(_signature(cfg)))
-        if out.exists():
-            shutil.rmtree(out)  # a stale set of ours (checked above)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if not synthetic_ready(cfg):  # another process finished the same set first: keep theirs
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info(
         "synthetic set: %d train and %d eval images of %d px in %s",
         cfg.num_train,

@@ -25,13 +25,17 @@ _CAPTION_TABLE = str.maketrans({**{c: None for c in ",.'!?\"()*#:;~"}, "-": " ",
 _WHITESPACE = re.compile(r"\s+")
 
 
-def clean_caption(caption: str, max_words: int) -> str:
-    """ALBEF `pre_caption`: normalise a raw caption to lower-case words, at most `max_words` of them."""
+def clean_caption(caption: str, max_words: int, *, person_tag: bool = True) -> str:
+    """ALBEF `pre_caption`: normalise a raw caption to lower-case words, at most `max_words` of them.
+    person_tag=False leaves out the caption-only ``<person>`` -> ``person`` rewrite (VQA's `pre_question`)."""
     if not isinstance(caption, str):
         raise ValueError(f"caption must be a str, got {type(caption).__name__} {caption!r}")
     if max_words < 1:
         raise ValueError(f"max_words must be >= 1, got {max_words}")
-    text = caption.lower().replace("<person>", "person").translate(_CAPTION_TABLE)
+    text = caption.lower()
+    if person_tag:
+        text = text.replace("<person>", "person")
+    text = text.translate(_CAPTION_TABLE)
     words = _WHITESPACE.sub(" ", text).strip().split(" ")
     return " ".join(words[:max_words])
 
@@ -169,6 +173,10 @@ class TextTokenizer:
     @property
     def max_tokens(self) -> int:
         return self._max_tokens
+
+    def with_max_tokens(self, max_tokens: int) -> TextTokenizer:
+        """The same vocabulary and mode with another length cap (VQA's evaluation questions are longer)."""
+        return TextTokenizer(self._tok, max_tokens=max_tokens, mode=self._mode, source=self._source)
 
     # ------------------------------------------------------------------------------------------- encoding
     def encode(self, texts: list[str]) -> list[list[int]]:

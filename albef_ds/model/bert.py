@@ -177,6 +177,26 @@ class BertModel(nn.Module):
     ) -> torch.Tensor:
         return self.fuse(self.encode_text(input_ids, attention_mask), attention_mask, image_embeds)
 
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        states: torch.Tensor,
+        states_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Causal decoder pass (VQA's answer decoder: every layer cross-attends, fusion_layer = 0):
+        (B, L) ids -> (B, L, H); position t sees positions <= t that are not padding, and every layer
+        cross-attends to `states` (B, N, W) where `states_mask` (B, N) is 1."""
+        x = self.embeddings(input_ids)
+        length = input_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+        # (B, 1, L, L): causal and not padding. Position 0 ([CLS]) is never padding, so no row is empty.
+        mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        cross = _key_mask(states_mask)
+        for layer in self.encoder.layer:
+            x = layer(x, mask, states, cross)
+        return x
+
 
 class _PredictionTransform(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:

@@ -15,11 +15,11 @@ from torch import nn
 from ..config import ModelConfig
 from . import encoders
 from .losses import itm_pair_logits
-from .momentum import EmaUpdate, MomentumPairs, momentum_autocast
+from .momentum import MomentumModel, MomentumPairs, momentum_autocast
 from .queue import AllGather, FeatureQueue, identity_gather
 
 
-class ContrastiveALBEF(nn.Module):
+class ContrastiveALBEF(MomentumModel, nn.Module):
     def __init__(
         self,
         cfg: ModelConfig,
@@ -61,22 +61,6 @@ class ContrastiveALBEF(nn.Module):
         self.queue.all_gather = fn
 
     # ------------------------------------------------------------------ momentum
-    def momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(momentum buffers, online parameters), paired by name, each tensor once."""
-        return self.momentum.pairs()
-
-    def copy_params(self) -> None:
-        """Momentum := online (at start-up, after loading pretrained weights)."""
-        self.momentum.copy_params()
-
-    def ema_update_fn(self) -> EmaUpdate | None:
-        """The EMA implementation (None: the fused default)."""
-        return None
-
-    def momentum_update(self) -> None:
-        """One EMA step over every momentum tensor; call once per optimizer step, before the forward."""
-        self.momentum.update(self.ema_update_fn())
-
     def _momentum_precision(self, image: torch.Tensor):
         """Autocast for the momentum forward when a low-precision engine feeds fp32 momentum weights."""
         return momentum_autocast(image, self.image_queue.dtype)

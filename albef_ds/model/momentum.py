@@ -91,3 +91,31 @@ class MomentumPairs:
         multi-tensor update where the kernels allow it); call once per optimizer step, before the forward."""
         moms, onlines = self.pairs()
         (ema or kernels.ema_update)(moms, onlines, self.momentum)
+
+
+class MomentumModel:
+    """The momentum protocol of a task module that holds its `MomentumPairs` as `self.momentum` (mixed into
+    the nn.Module): the trainer calls `momentum_update()` once per optimizer step, start-up calls
+    `copy_params()`, the rank reports read `momentum_pairs()`. `ema_update_fn` picks the EMA kernel."""
+
+    momentum: MomentumPairs
+
+    def momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(momentum buffers, online parameters), paired by name, each tensor once."""
+        return self.momentum.pairs()
+
+    def copy_params(self) -> None:
+        """Momentum := online (at start-up, after loading pretrained weights)."""
+        self.momentum.copy_params()
+
+    def ema_update_fn(self) -> EmaUpdate | None:
+        """The EMA implementation (None: the fused default)."""
+        return None
+
+    def momentum_update(self) -> None:
+        """One EMA step over every momentum tensor; call once per optimizer step, before the forward."""
+        self.momentum.update(self.ema_update_fn())
+
+    def momentum_dtype(self) -> torch.dtype:
+        """The momentum copies' dtype (fp32 under every engine: they are buffers)."""
+        return next(getattr(self, self.momentum.names[0][1]).buffers()).dtype

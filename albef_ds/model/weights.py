@@ -26,7 +26,10 @@ For both:
     idx_queue (1, Q)                   -> (Q,)
     visual_encoder[_m].pos_embed       -> resampled to the model's grid (16x16 at 256 px -> 24x24 at 384 px)
     *.cls.predictions.decoder.bias     -> dropped (an alias of cls.predictions.bias)
-    text_encoder[_m].cls.*             -> dropped when the model has no MLM head (the retrieval model)
+    text_encoder[_m].cls.*             -> dropped when the model has no MLM head (retrieval, VQA)
+For a model with an answer decoder (VQA) and a source without one, the decoder comes from the encoder
+(`derive_decoder`: embeddings, fusion layers, MLM head); a whole-model source that leaves a decoder tensor
+missing is an error.
     queues of another length than the model's -> dropped with their pointer and id queue (the model keeps
                                           its own); feature queues without ids (a pre-training checkpoint
                                           into the retrieval model) leave the pointer at 0
@@ -147,12 +150,11 @@ _BERT_DROP = re.compile(
 
 def convert_bert(sd: Mapping[str, torch.Tensor], model: nn.Module, report: LoadReport) -> dict:
     mapped = {}
-    has_mlm = _has_mlm(model)
     for k, v in sd.items():
         k2 = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         if not k2.startswith(("bert.", "cls.")):
             k2 = "bert." + k2  # a bare BertModel state dict
-        if _BERT_DROP.search(k2) or (k2.startswith("cls.") and not has_mlm):
+        if _BERT_DROP.search(k2):
             report.dropped.append(k)
             continue
         if k2 != k:
@@ -172,7 +174,6 @@ def convert_albef(
     """A whole-model state dict (released ALBEF when `released`, else ours) -> our keys and shapes."""
     model_sd = model.state_dict()
     grid = _grid(model)
-    has_mlm = _has_mlm(model)
     mapped: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         m = _RELEASED_TEXT.match(k) if released else None
@@ -180,7 +181,7 @@ def convert_albef(
             k2 = f"{m.group(1)}.bert.{k[len(m.group(1)) + 1 :]}"
             report.converted.append(f"{k} -> {k2}")
             k = k2
-        if k.endswith("cls.predictions.decoder.bias") or (".cls." in k and not has_mlm):
+        if k.endswith("cls.predictions.decoder.bias"):
             report.dropped.append(k)
             continue
         if released and k in ("image_queue", "text_queue"):
@@ -210,6 +211,58 @@ def convert_albef(
     return mapped
 
 
+_ENCODER_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.(.+)$")
+
+
+def derive_decoder(mapped: dict[str, torch.Tensor], model: nn.Module, report: LoadReport) -> None:
+    """The VQA answer decoder from a pre-trained encoder, in place: for a model with `text_decoder` and a
+    source without one (a pre-training checkpoint),
+
+        text_encoder[_m].bert.embeddings.*           -> text_decoder[_m].bert.embeddings.*
+        text_encoder[_m].bert.encoder.layer.{f+j}.*  -> text_decoder[_m].bert.encoder.layer.{j}.*
+                                                        (f = fusion_layer, j < decoder depth: 6-11 -> 0-5)
+        text_encoder[_m].cls.*                       -> text_decoder[_m].cls.*
+
+    (self-attention, cross-attention and FFN of each fusion layer; the encoder keeps its own copy). A
+    source that has decoder weights (a fine-tuned VQA checkpoint, ours or released) keeps them."""
+    if not hasattr(model, "text_decoder") or any(k.startswith("text_decoder") for k in mapped):
+        return
+    f = model.text_encoder.bert.fusion_layer
+    depth = len(model.text_decoder.bert.encoder.layer)
+    derived = 0
+    for k, v in list(mapped.items()):
+        for suffix in ("", "_m"):
+            src, dst = f"text_encoder{suffix}.", f"text_decoder{suffix}."
+            if not k.startswith(src):
+                continue
+            rest = k[len(src) :]
+            m = _ENCODER_LAYER.match(rest)
+            if m:
+                i = int(m.group(1))
+                if not f <= i < f + depth:
+                    continue
+                rest = f"bert.encoder.layer.{i - f}.{m.group(2)}"
+            elif not rest.startswith(("bert.embeddings.", "cls.")):
+                continue
+            mapped[dst + rest] = v
+            derived += 1
+    if derived:
+        report.converted.append(
+            f"text_decoder[_m] from text_encoder[_m]: embeddings, layers {f}-{f + depth - 1} -> "
+            f"0-{depth - 1}, MLM head ({derived} tensors)"
+        )
+
+
+def _drop_unused_heads(mapped: dict[str, torch.Tensor], model: nn.Module, report: LoadReport) -> None:
+    """The encoder's MLM head is dropped for a model without one (retrieval, VQA), once the decoder (which
+    starts from it) has been derived."""
+    if _has_mlm(model):
+        return
+    for k in [k for k in mapped if re.match(r"^text_encoder(_m)?\.cls\.", k)]:
+        del mapped[k]
+        report.dropped.append(k)
+
+
 def convert_state(
     sd: Mapping[str, torch.Tensor], model: nn.Module, *, layout: str, report: LoadReport
 ) -> dict[str, torch.Tensor]:
@@ -217,10 +270,14 @@ def convert_state(
     if layout == "deit":
         return convert_deit(sd, model, report)
     if layout == "bert":
-        return convert_bert(sd, model, report)
-    if layout in WHOLE_MODEL:
-        return convert_albef(sd, model, report, released=layout == "albef")
-    raise ValueError(f"unknown weight layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+        mapped = convert_bert(sd, model, report)
+    elif layout in WHOLE_MODEL:
+        mapped = convert_albef(sd, model, report, released=layout == "albef")
+    else:
+        raise ValueError(f"unknown weight layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    derive_decoder(mapped, model, report)
+    _drop_unused_heads(mapped, model, report)
+    return mapped
 
 
 # Our keys a layout is expected to provide (a DeiT file is not expected to provide text weights).
@@ -229,6 +286,8 @@ _PREFIXES = {"deit": ("visual_encoder.",), "bert": ("text_encoder.",), "ours": (
 _NOT_MISSING = {
     "text_encoder.cls.predictions.decoder.weight",
     "text_encoder_m.cls.predictions.decoder.weight",
+    "text_decoder.cls.predictions.decoder.weight",
+    "text_decoder_m.cls.predictions.decoder.weight",
     "queue_ptr",
 }
 
@@ -265,6 +324,20 @@ def load_state(
     After a partial layout (DeiT, BERT) the momentum copies follow the loaded weights."""
     report = LoadReport(source, layout=layout)
     mapped = convert_state(sd, model, layout=layout, report=report)
+    if layout in WHOLE_MODEL:
+        # A whole-model source must fill the answer decoder (its own, or derived from the encoder): a
+        # silently BERT- or randomly-initialised decoder answers nonsense (the reference's --evaluate did).
+        gaps = [
+            k
+            for k in model.state_dict()
+            if k.startswith("text_decoder") and k not in mapped and k not in _NOT_MISSING
+        ]
+        if gaps:
+            raise ValueError(
+                f"{source} leaves {len(gaps)} answer-decoder tensor(s) missing, e.g. {', '.join(gaps[:4])}: "
+                "expected a pre-trained ALBEF checkpoint (text_encoder.bert.encoder.layer.* with the fusion "
+                "layers, text_encoder.cls.*) or a VQA checkpoint (text_decoder.*)"
+            )
     apply_state(model, mapped, report, prefixes=_PREFIXES[layout])
     if layout not in WHOLE_MODEL and hasattr(model, "copy_params"):
         model.copy_params()

@@ -12,11 +12,12 @@ from ..config import Config, ConfigError
 from ..train.task import Task, TaskContext
 from ..train.trainer import StepHooks, Trainer
 from .pretrain import PretrainTask
-from .retrieval import RetrievalTask, load_eval_set
+from .retrieval import RetrievalTask
+from .vqa import VQATask
 
 log = logging.getLogger(__name__)
 
-TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask, "retrieval": RetrievalTask}
+TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask, "retrieval": RetrievalTask, "vqa": VQATask}
 FINETUNE_TASKS = tuple(n for n in TASKS if n != "pretrain")
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "TASKS",
     "PretrainTask",
     "RetrievalTask",
+    "VQATask",
     "evaluate_task",
     "make_task",
     "train_task",
@@ -60,13 +62,17 @@ def evaluate_task(
     output: str = "",
     tensorboard: str = "",
     save_scores: str = "",
+    answers_file: str = "",
     step: int = 0,
 ) -> dict:
     """Evaluate `checkpoint` (any weight source; empty = the configured initialisation) with task `name`'s
-    evaluation on split_file (default data.eval_file), on every rank a launcher started. Rank 0 writes the
-    JSON (`output`), TensorBoard scalars `eval_<task>/<split>/*` (`tensorboard`, default
-    <train.output_dir>/tensorboard when train.tensorboard) and, with `save_scores` (retrieval), the score
-    matrices. Returns the metrics (on rank 0; None elsewhere for a rank-0-only evaluation)."""
+    evaluation on split_file (default: the task's default evaluation file), on every rank a launcher
+    started. Rank 0 writes the JSON (`output`), TensorBoard scalars `eval_<task>/<split>/*` (`tensorboard`,
+    default <train.output_dir>/tensorboard when train.tensorboard) and, with `save_scores` (retrieval), the
+    score matrices; VQA writes the EvalAI answer file (`answers_file`, default
+    <train.output_dir>/vqa_<split file stem>_answers.json). `k_test`: the re-rank depth (retrieval) or the
+    answers re-scored per question (VQA). Returns the metrics (on rank 0; None elsewhere for a
+    rank-0-only evaluation)."""
     import torch
 
     from ..train.dist_env import world_info_from_env
@@ -76,28 +82,37 @@ def evaluate_task(
     task = make_task(name, cfg)
     info = world_info_from_env()
     device = resolve_device(cfg.train.device, info.local_rank)
-    path = split_file or cfg.data.eval_file
+    path = split_file or task.default_eval_file()
     if not path:
-        raise ConfigError("nothing to evaluate on: set data.eval_file or pass --split-file")
-    image_root = (cfg.finetune.image_root or cfg.data.image_root) if split_file else cfg.data.image_root
-    eval_set = load_eval_set(cfg, path, image_root)
+        raise ConfigError(f"nothing to evaluate on: pass --split-file (or configure the {name} task's split)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"evaluation file {path} does not exist")
+    eval_set = task.open_split(path)
     if info.world_size > 1:
         from ..train.engine import init_distributed
 
         init_distributed(info, device)
     tokenizer = build_tokenizer(cfg)
     seed_everything(cfg.train.seed)
+    out_dir = Path(cfg.train.output_dir)
     ctx = TaskContext(
         cfg=cfg,
         info=info,
         device=device,
-        out_dir=Path(cfg.train.output_dir),
+        out_dir=out_dir,
         tokenizer=tokenizer,
         special_tokens=special_tokens(tokenizer),
         extra={"label": f"checkpoint {checkpoint or cfg.model.albef_init or '(configured init)'}"},
     )
     model = task.build_model(ctx, init=checkpoint or None).to(device)
-    extra = {"k_test": k_test or cfg.eval.k_test, "return_scores": True} if name == "retrieval" else {}
+    extra: dict = {}
+    if name == "retrieval":
+        extra = {"k_test": k_test or cfg.eval.k_test, "return_scores": True}
+    elif name == "vqa":
+        extra = {
+            "k": k_test,
+            "answers_file": answers_file or str(out_dir / f"vqa_{Path(path).stem}_answers.json"),
+        }
     out = task.evaluate(model, "val", ctx, step=step, eval_set=eval_set, **extra)
     metrics, scores = out if isinstance(out, tuple) else (out, None)
     if metrics is not None:
@@ -111,9 +126,7 @@ def evaluate_task(
         if output:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             Path(output).write_text(json.dumps(metrics, indent=2) + "\n")
-        tb_dir = tensorboard or (
-            str(Path(cfg.train.output_dir) / "tensorboard") if cfg.train.tensorboard else ""
-        )
+        tb_dir = tensorboard or (str(out_dir / "tensorboard") if cfg.train.tensorboard else "")
         if tb_dir:
             _tensorboard(Path(tb_dir), f"eval_{name}/{Path(path).stem}", metrics, step)
         if save_scores and scores is not None:

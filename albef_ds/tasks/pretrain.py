@@ -20,13 +20,9 @@ from ..eval.retrieval import itc_retrieval
 from ..model import ALBEFPretrain, identity_gather
 from ..train.checkpoint import init_weights
 from ..train.task import StepOutput, Task, TaskContext
+from .common import image_text, load_eval_set
 
 log = logging.getLogger(__name__)
-
-
-def image_text(batch: dict) -> dict:
-    """The model inputs of an image-text batch."""
-    return {k: batch[k] for k in ("image", "input_ids", "attention_mask")}
 
 
 class PretrainTask(Task):
@@ -101,6 +97,12 @@ class PretrainTask(Task):
 
     def has_split(self, split: str) -> bool:
         return split == "val" and bool(self.cfg.data.eval_file)
+
+    def default_eval_file(self) -> str:
+        return self.cfg.data.eval_file
+
+    def open_split(self, path: str) -> RetrievalEvalSet:
+        return load_eval_set(self.cfg, path, self.cfg.data.image_root)
 
     def eval_set(self) -> RetrievalEvalSet:
         if self._eval_set is None:

@@ -19,34 +19,13 @@ from torch import nn
 from ..config import Config, ConfigError
 from ..data import RetrievalEvalSet
 from ..data.karpathy import build_retrieval_train_loader, check_karpathy_eval
-from ..eval.comm import LocalComm, ProcessGroupComm
 from ..eval.itm import evaluate_retrieval
 from ..model.retrieval import ALBEFRetrieval
 from ..train.checkpoint import init_weights
 from ..train.task import StepOutput, Task, TaskContext
-from .pretrain import image_text
+from .common import image_text, load_eval_set, make_comm
 
 log = logging.getLogger(__name__)
-
-
-def load_eval_set(cfg: Config, path: str, image_root: str = "") -> RetrievalEvalSet:
-    """A Karpathy-layout evaluation split ({image, caption: [str]}), checked, at model.vision.image_size."""
-    if not path:
-        raise ConfigError("no evaluation file: set finetune.val_file / test_file (or pass --split-file)")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"evaluation file {path} does not exist")
-    check_karpathy_eval(path)
-    return RetrievalEvalSet(
-        path,
-        image_root=image_root,
-        image_size=cfg.model.vision.image_size,
-        max_words=cfg.data.max_words,
-        loader=cfg.data.loader,
-    )
-
-
-def make_comm(ctx: TaskContext):
-    return ProcessGroupComm() if ctx.info.world_size > 1 else LocalComm()
 
 
 class RetrievalTask(Task):
@@ -127,6 +106,16 @@ class RetrievalTask(Task):
 
     def has_split(self, split: str) -> bool:
         return bool(self._split_file(split))
+
+    def default_eval_file(self) -> str:
+        return self.cfg.data.eval_file
+
+    def open_split(self, path: str) -> RetrievalEvalSet:
+        """A Karpathy val/test file; the pre-training eval file (the default) under data.image_root, any
+        other under finetune.image_root (or data.image_root)."""
+        c = self.cfg
+        root = c.data.image_root if path == c.data.eval_file else (c.finetune.image_root or c.data.image_root)
+        return load_eval_set(c, path, root)
 
     def eval_set(self, split: str) -> RetrievalEvalSet:
         if split not in self._sets:

@@ -103,6 +103,14 @@ class Task:
         """Whether an evaluation split ("val" or "test") is configured."""
         return False
 
+    def default_eval_file(self) -> str:
+        """The file `albef-ds evaluate TASK` evaluates without --split-file ("" = none configured)."""
+        return ""
+
+    def open_split(self, path: str) -> Any:
+        """An evaluation set read from `path` (what `evaluate(..., eval_set=)` takes)."""
+        raise NotImplementedError(f"task {self.name} has no file-based evaluation")
+
     def evaluate(self, model: nn.Module, split: str, ctx: TaskContext, *, step: int = 0) -> dict | None:
         """Metrics of `split` on every rank (the same dict on every rank when `best_metric` is set), or None
         on ranks that do not take part. May run collectives: every rank calls it."""

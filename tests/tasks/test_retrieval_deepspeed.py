@@ -5,20 +5,14 @@ path), and `evaluate retrieval` straight from a DeepSpeed checkpoint folder (ZeR
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from albef_ds.cli import main
 from albef_ds.train.runtime import EXIT_PREEMPTED
-from tests.helpers import free_port, launch_deepspeed, small_karpathy_set
+from tests.helpers import launch_deepspeed, signal_ranks_at, small_karpathy_set
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = str(ROOT / "configs/finetune_debug.yaml")
@@ -55,38 +49,10 @@ def _train(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in recs if r["event"] == "train"}
 
 
-def _signal_ranks_at(ov: list[str], run: Path, line_marker: str) -> tuple[int, str]:
-    """Launch the 2-rank fine-tune, send SIGUSR1 to both ranks (as srun delivers it to every task) once
-    `line_marker` is logged; returns the launcher's exit status and its output."""
-    exe = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(exe), "--num_gpus", "2", "--no_local_rank", "--master_port", str(free_port())]
-    cmd += ["--module", "albef_ds.cli", *_args(ov, run)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline, seen = time.time() + 400, []
-    for line in proc.stdout:
-        seen.append(line)
-        if line_marker in line:
-            ranks = [
-                c
-                for c in psutil.Process(proc.pid).children(recursive=True)
-                if "albef_ds.cli" in c.cmdline() and not any("deepspeed.launcher" in a for a in c.cmdline())
-            ]
-            assert len(ranks) == 2, [c.cmdline() for c in ranks]
-            for c in ranks:
-                c.send_signal(signal.SIGUSR1)
-            break
-        assert time.time() < deadline, "no training progress: " + "".join(seen[-20:])
-    rest = proc.communicate(timeout=400)[0]
-    return proc.returncode, "".join(seen) + rest
-
-
 def test_sigusr1_on_two_ranks_checkpoints_and_resumes_exactly(ds_finetune, tmp_path):
     tmp, ov, straight = ds_finetune
     run = tmp_path / "signalled"
-    rc, log = _signal_ranks_at(ov, run, "step 3/12")
+    rc, log = signal_ranks_at(2, _args(ov, run), "step 3/12")
     assert rc == EXIT_PREEMPTED, log[-4000:]
     assert "received SIGUSR1" in log and not (run / "results.json").exists()
     tag = (run / "checkpoints" / "latest").read_text().strip()

@@ -14,43 +14,25 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(pretrained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ft")
-    synth, kp = tmp / "synth", tmp / "kp"
-    common = [
-        f"data.synth.out_dir={synth}",
-        "data.synth.num_train=600",
-        "data.synth.num_eval=120",
-        f"data.tokenizer={synth / 'vocab.txt'}",
-        "data.num_workers=0",
-        "train.tensorboard=false",
-    ]
-    pre = [
-        *common,
-        f"data.train_file=[{synth / 'train.json'}]",
-        f"data.eval_file={synth / 'eval.json'}",
-        f"train.output_dir={tmp / 'pre'}",
-        "train.max_steps=400",
-        "train.eval_at_start=false",
-    ]
+    kp = tmp / "kp"
     ft = [
-        *common,
+        *pretrained.common,
         f"finetune.train_file=[{kp / 'train.json'}]",
         f"finetune.val_file={kp / 'val.json'}",
         f"finetune.test_file={kp / 'test.json'}",
-        f"model.albef_init={tmp / 'pre'}",
+        f"model.albef_init={pretrained.run}",
         f"train.output_dir={tmp / 'ft'}",
         "train.epochs=3",  # 56 steps per epoch
         "train.max_steps=150",
     ]
-    dbg, fcfg = str(ROOT / "configs/debug.yaml"), str(ROOT / "configs/finetune_debug.yaml")
-    assert main(["data", "synth", "--config", dbg, *pre]) == 0
-    assert main(["pretrain", "--config", dbg, *pre]) == 0
+    fcfg = str(ROOT / "configs/finetune_debug.yaml")
     assert main(["data", "synth-retrieval", "--config", fcfg, *ft]) == 0
     # Zero-shot: the pre-trained weights at the fine-tuning resolution, on the test split.
     before = tmp / "before.json"
     args = ["evaluate", "retrieval", "--config", fcfg, *ft, "--split-file", str(kp / "test.json")]
-    assert main([*args, "--checkpoint", str(tmp / "pre"), "--output", str(before)]) == 0
+    assert main([*args, "--checkpoint", str(pretrained.run), "--output", str(before)]) == 0
     assert main(["finetune", "retrieval", "--config", fcfg, *ft]) == 0
     return tmp, args
 

@@ -87,8 +87,6 @@ def test_mpirun_two_ranks_pretrain(tmp_path):
 
 def test_torchrun_two_ranks_pretrain(tmp_path):
     run, args = _pretrain_args(tmp_path)
-    log = _run(
-        torchrun(2, *args)
-    )
+    log = _run(torchrun(2, *args))
     assert "distributed env (env): rank 0/2" in log
     _check_run(run, log, "env")
