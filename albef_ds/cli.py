@@ -37,6 +37,32 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
+_CLASSIFY_TASKS = (
+    (
+        "nlvr2-ta",
+        "NLVR2's text-assignment pre-training (the checkpoint NLVR2 fine-tuning starts from)",
+        "Text assignment on the pre-training corpus (data.train_file): the paired fusion encoder (each "
+        "fusion layer of model.albef_init cloned into two blocks, one per image, key/value tied) learns "
+        "whether a caption's image is in slot 0, slot 1 or neither, partner images drawn from the in-batch "
+        "image similarities (vectorised). 1 epoch at 256 px in the paper; no momentum model.",
+    ),
+    (
+        "nlvr2",
+        "NLVR2 fine-tuning: a sentence about two images, true or false",
+        "Fine-tune the paired encoder from the TA checkpoint (model.albef_init) with a 2-class MLP head and "
+        "momentum distillation (the teacher copied from the loaded student); accuracy on nlvr.val_file (dev) "
+        "every nlvr.eval_every epochs, the best kept in checkpoint_best.pt, nlvr.test_file with it.",
+    ),
+    (
+        "ve",
+        "SNLI-VE fine-tuning: entailment / neutral / contradiction of a sentence by an image",
+        "Fine-tune ALBEF with a 3-class MLP head on the fusion [CLS] (entailment 2, neutral 1, "
+        "contradiction 0) and momentum distillation at a constant alpha; accuracy on ve.val_file every "
+        "ve.eval_every epochs, the best kept in checkpoint_best.pt, ve.test_file with it.",
+    ),
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="albef-ds",
@@ -138,6 +164,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(f)
     f.set_defaults(func=_cmd_train)
 
+    for name, help_, desc in _CLASSIFY_TASKS:
+        f = fsub.add_parser(name, help=help_, description=desc)
+        _add_config_args(f)
+        f.set_defaults(func=_cmd_train)
+    for name in ("nlvr2", "ve"):
+        e = esub.add_parser(
+            name,
+            help=f"{name} accuracy of a checkpoint, distributed over the ranks",
+            description=f"Accuracy of the checkpoint on a {name} split (default its test file, else val; or "
+            "--split-file), every rank classifying its share (each example counted once).",
+        )
+        _add_eval_args(e)
+
     p = sub.add_parser(
         "export",
         help="consolidated fp32 weights (safetensors) from a checkpoint or run folder",
@@ -209,6 +248,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(s)
     s.add_argument("--force", action="store_true", help="regenerate even if a complete set exists")
     s.set_defaults(func=_cmd_synth_vqa)
+    for name, what in (("synth-nlvr2", "nlvr"), ("synth-ve", "ve")):
+        s = dsub.add_parser(
+            name,
+            help=f"synthetic {what.upper()} examples about generated images ({what}.synth.*)",
+            description=f"Write generated images and statements about them "
+            f"({'NLVR2' if what == 'nlvr' else 'SNLI-VE'}), train/val/test JSON lists in the task's layout, "
+            f"into {what}.synth.out_dir. Skips the work when a complete set with the same settings is there.",
+        )
+        _add_config_args(s)
+        s.add_argument("--force", action="store_true", help="regenerate even if a complete set exists")
+        s.set_defaults(func=_cmd_synth_pairs, what=what)
     s = dsub.add_parser(
         "shard",
         help="convert JSON image-text lists into webdataset tar shards",
@@ -281,6 +331,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"vqa fine-tuning: best epoch {result.get('best_epoch')}, val accuracy {val['accuracy']:.2f} "
                 f"(majority answer {base.get('val_majority_accuracy', float('nan')):.2f})"
                 + (f", test answers in {test['answers_file']}" if test else "")
+            )
+        elif args.task in ("nlvr2", "ve") and val:
+            base = result.get("baseline", {})
+            print(
+                f"{args.task} fine-tuning: best epoch {result.get('best_epoch')}, "
+                f"val accuracy {val['accuracy']:.2f}"
+                f" (majority class {base.get('val_majority_accuracy', float('nan')):.2f})"
+                + (f", test accuracy {test['accuracy']:.2f}" if test else "")
             )
         elif test and "r_mean" in test:
             print(
@@ -381,6 +439,16 @@ def _cmd_synth_vqa(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = generate_synthetic_vqa(cfg.vqa.synth, force=args.force)
     print(f"synthetic VQA set in {out}")
+    return 0
+
+
+def _cmd_synth_pairs(args: argparse.Namespace) -> int:
+    from .data import synth_pairs
+
+    cfg = _config(args)
+    make = synth_pairs.generate_synthetic_nlvr2 if args.what == "nlvr" else synth_pairs.generate_synthetic_ve
+    out = make(getattr(cfg, args.what).synth, force=args.force)
+    print(f"synthetic {args.what} set in {out}")
     return 0
 
 

@@ -203,6 +203,45 @@ class VQAConfig:
 
 
 @dataclass
+class PairSynthConfig:
+    """`albef-ds data synth-nlvr2` / `synth-ve`: statements about generated images of one to three objects."""
+
+    out_dir: str = ""  # images, train/val/test JSON in the task's layout
+    num_train: int = 1500  # training examples
+    num_val: int = 150
+    num_test: int = 150
+    image_size: int = 80  # side of the generated JPEGs
+    seed: int = 0
+
+
+@dataclass
+class NLVRConfig:
+    """NLVR2 fine-tuning (and its text-assignment pre-training): [{"images": [left, right], "sentence",
+    "label": "True" | "False" (or a bool)}]. Starts from model.albef_init (the TA checkpoint)."""
+
+    train_file: list[str] = field(default_factory=list)  # NLVR2 train JSON(s)
+    val_file: str = ""  # dev JSON: accuracy, picks the best epoch; "" = keep the last
+    test_file: str = ""  # test-P JSON, evaluated with the best weights at the end; "" = none
+    image_root: str = ""  # prefix of relative image paths; "" = relative to each JSON file's folder
+    flip_swap: bool = True  # with p = 0.5 mirror the pair: images swapped, each mirrored, left/right swapped
+    eval_every: int = 1
+    synth: PairSynthConfig = field(default_factory=lambda: PairSynthConfig(out_dir="data/synth_nlvr2"))
+
+
+@dataclass
+class VEConfig:
+    """SNLI-VE fine-tuning: [{"image": path or Flickr30K id (root/<id>.jpg), "sentence", "label":
+    "entailment" | "neutral" | "contradiction"}] (classes 2 / 1 / 0). Starts from model.albef_init."""
+
+    train_file: list[str] = field(default_factory=list)
+    val_file: str = ""  # accuracy, picks the best epoch; "" = keep the last
+    test_file: str = ""  # evaluated with the best weights at the end; "" = none
+    image_root: str = ""  # prefix of relative image paths; "" = relative to each JSON file's folder
+    eval_every: int = 1
+    synth: PairSynthConfig = field(default_factory=lambda: PairSynthConfig(out_dir="data/synth_ve"))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -212,6 +251,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     vqa: VQAConfig = field(default_factory=VQAConfig)
+    nlvr: NLVRConfig = field(default_factory=NLVRConfig)
+    ve: VEConfig = field(default_factory=VEConfig)
 
     def validate(self) -> None:
         """Cross-field checks; every message names the fields involved."""
@@ -294,6 +335,9 @@ class Config:
                 f"vqa.eval_max_tokens ({q.eval_max_tokens}) must lie in 2..model.text.max_position "
                 f"({t.max_position})"
             )
+        for name in ("nlvr", "ve"):
+            if getattr(self, name).eval_every < 1:
+                raise ConfigError(f"{name}.eval_every must be >= 1, got {getattr(self, name).eval_every}")
         if q.vg_weight < 0:
             raise ConfigError(f"vqa.vg_weight must be >= 0, got {q.vg_weight}")
 

@@ -8,18 +8,24 @@
   `evalset` (retrieval eval images and captions);
 * `loaders` (the training loader builders; imports `dali` only when data.loader = dali);
 * the tasks' data on top: `karpathy` (retrieval data in the Karpathy layout), `vqa` (VQA records, answer
-  targets, the VQA training loader and evaluation set).
+  targets, the VQA training loader and evaluation set), `ve` (SNLI-VE records, the (sentence, class) text
+  side, its training loader and evaluation set), `nlvr` (NLVR2 records, the pair flip, the two-image training
+  loader and evaluation set; on `ve` and `vqa`);
+* the task generators beside them: `synth_vqa` (the synthetic VQA set, on `synth`), `synth_pairs` (the
+  synthetic NLVR2 and SNLI-VE sets, on `synth_vqa`'s scenes).
 """
 
 from .annotations import load_annotations
 from .datasets import ImageTextCollator, ImageTextDataset
 from .evalset import EvalImageDataset, RetrievalEvalSet
 from .loaders import build_pretrain_loader, build_train_loader
+from .nlvr import NLVREvalSet, build_nlvr_train_loader, load_nlvr_records, pair_flip
 from .sampler import ShardedEpochSampler
 from .sources import ImageTextSource, open_source, validate_source, write_shards
 from .synth import generate_synthetic, synthetic_ready
 from .text import SPECIAL_TOKENS, TextTokenizer, clean_caption, train_wordpiece_vocab
 from .transforms import CLIP_MEAN, CLIP_STD, RandomAugment, apply_op, eval_transform, pretrain_transform
+from .ve import VE_LABELS, VEEvalSet, build_ve_train_loader, load_ve_records
 from .vqa import (
     VQAEvalSet,
     answer_targets,
@@ -64,4 +70,12 @@ __all__ = [
     "load_vqa_records",
     "swap_left_right",
     "tokenize_answers",
+    "VE_LABELS",
+    "VEEvalSet",
+    "build_ve_train_loader",
+    "load_ve_records",
+    "NLVREvalSet",
+    "build_nlvr_train_loader",
+    "load_nlvr_records",
+    "pair_flip",
 ]

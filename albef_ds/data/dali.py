@@ -19,7 +19,11 @@ Design (what makes the loader reproducible, resumable and crash-proof):
 * **The text side is a hook object** (`CaptionText`, the default: one caption per image). It draws a
   sample's text before the crop window, finishes it once the flip is known (VQA swaps left/right in a
   flipped sample's question and answers: `vqa.VQAText`) and turns a batch's texts into tensors, so another
-  kind of sample reuses the loader's reading, drawing, prefetching and failure handling unchanged.
+  kind of sample reuses the loader's reading, drawing, prefetching and failure handling unchanged. A kind
+  with several images per sample (NLVR2's pairs: `nlvr.NLVRText`) also says how many (`images_per_sample`),
+  reads them (`read_images`) and draws their order and flips (`draw_flip`); the pipeline then runs on the
+  n x B images of a batch, each with its own crop, flip and RandAugment feeds, and a sample is kept only
+  when all its images decoded.
 
 Training transform: random resized crop (scale `crop_scale`, ratio 3/4-4/3, torchvision's 10-try
 algorithm; only the crop window is decoded: `decoders.image_slice`), bicubic antialiased resize to S x S,
@@ -345,6 +349,12 @@ class CaptionText:
     of a batch; on the training thread `tensors(encoded, rows)`, the batch's text tensors for the rows whose
     image the pipeline decoded, and `empty()`, the keys a batch with no sample adds to `batch.empty_batch`'s.
     Another kind of sample (`vqa.VQAText`) implements the same five methods.
+
+    Optional, for n > 1 images per sample (`nlvr.NLVRText`): `images_per_sample` (n; absent = 1),
+    `read_images(source, i)` (the n encoded images of sample i; OSError when one cannot be read) and
+    `draw_flip(rng, hflip)` -> (order, mirrors, state), drawn after the n crop windows: output image j is
+    input image order[j], mirrored when mirrors[j]; `finish` gets `state` instead of the flip. Absent, the
+    loader draws one flip with p = 0.5 when `hflip` and passes it to `finish`.
     """
 
     def __init__(self, tokenizer: TextTokenizer, max_words: int) -> None:
@@ -378,7 +388,8 @@ class DaliImageTextLoader:
     long [B, L], "index": long [B], "num_skipped": int}`` (+ ``"idx"``: long [B] image ids when `with_idx`)
     for the sampler's current epoch and start (`sampler.set_epoch`, `sampler.set_start`). B < batch_size
     when images were skipped. `text` replaces the caption side (`CaptionText(tokenizer, max_words)`) by
-    another text side; its `tensors` then give the batch's keys between "image" and "index".
+    another text side; its `tensors` then give the batch's keys between "image" and "index". A text side
+    with n = `images_per_sample` > 1 replaces "image" by "image0" .. "image<n-1>" (each [B, 3, S, S]).
     """
 
     def __init__(
@@ -424,12 +435,34 @@ class DaliImageTextLoader:
         self.with_idx = with_idx
         self.prefetch = max(1, prefetch)
         self.text = CaptionText(tokenizer, max_words) if text is None else text
+        self.images_per_sample = int(getattr(self.text, "images_per_sample", 1))  # n images per sample
+        if self.images_per_sample < 1:
+            raise ValueError(f"images_per_sample must be >= 1, got {self.images_per_sample}")
         self._pipe = None
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
 
     # -- host side (runs on the prefetch thread) --
+    def _read(self, i: int) -> list[tuple[np.ndarray, int, int]]:
+        """Sample i's n images as (DALI bytes, width, height); OSError / BadImage when one is unusable."""
+        if self.images_per_sample == 1:
+            return [dali_bytes(self.source.read(i), self.max_pixels)]
+        data = self.text.read_images(self.source, i)
+        if len(data) != self.images_per_sample:
+            raise RuntimeError(
+                f"read_images gave {len(data)} images for sample {i}, not {self.images_per_sample}"
+            )
+        return [dali_bytes(d, self.max_pixels) for d in data]
+
+    def _draw_flip(self, rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[bool, ...], Any]:
+        """(order, mirrors, state for `text.finish`) of one sample, see `CaptionText`."""
+        draw = getattr(self.text, "draw_flip", None)
+        if draw is not None:
+            return draw(rng, self.hflip)
+        flipped = bool(rng.random() < 0.5) if self.hflip else False
+        return (0,), (flipped,), flipped
+
     def _prepare(self, indices: list[int], epoch: int) -> _Prepared:
         feeds: dict[str, list[np.ndarray]] = {"encoded": [], "anchor": [], "shape": []}
         if self.hflip:
@@ -439,31 +472,36 @@ class DaliImageTextLoader:
         kept, idx, names, texts, skipped = [], [], [], [], 0
         for i in indices:
             try:
-                enc, w, h = dali_bytes(self.source.read(i), self.max_pixels)
+                images = self._read(i)
             except (OSError, BadImage) as e:
                 logger.warning("skipping image %s (index %d): %s", self.source.name(i), i, e)
                 skipped += 1
                 continue
             rng = np.random.default_rng(sample_seed(self.seed, epoch, i))
             draft = self.text.draw(self.source, i, rng)
-            top, left, ch, cw = rrc_params(rng, w, h, self.crop_scale)
-            feeds["encoded"].append(enc)
-            feeds["anchor"].append(np.array([top, left], np.float32))
-            feeds["shape"].append(np.array([ch, cw], np.float32))
-            flipped = False
-            if self.hflip:
-                flipped = bool(rng.random() < 0.5)
-                feeds["flip"].append(np.array(int(flipped), np.int32))
-            for j, (code, mat, fac) in enumerate(
-                randaug_params(rng, self.randaug_n, self.randaug_m, self.image_size)
-            ):
-                feeds[f"op{j}"].append(np.array(code, np.int32))
-                feeds[f"mat{j}"].append(mat)
-                feeds[f"fac{j}"].append(np.array(fac, np.float32))
+            # Draw order: text, the crop window of each image, the flips, each output image's RandAugment.
+            windows = [rrc_params(rng, w, h, self.crop_scale) for _, w, h in images]
+            order, mirrors, state = self._draw_flip(rng)
+            for k, mirrored in zip(order, mirrors, strict=True):  # the pipeline's rows: n per sample
+                top, left, ch, cw = windows[k]
+                feeds["encoded"].append(images[k][0])
+                feeds["anchor"].append(np.array([top, left], np.float32))
+                feeds["shape"].append(np.array([ch, cw], np.float32))
+                if self.hflip:
+                    feeds["flip"].append(np.array(int(mirrored), np.int32))
+                elif mirrored:
+                    raise RuntimeError("draw_flip asked for a mirrored image with hflip off (no flip input)")
+            for _ in order:
+                for j, (code, mat, fac) in enumerate(
+                    randaug_params(rng, self.randaug_n, self.randaug_m, self.image_size)
+                ):
+                    feeds[f"op{j}"].append(np.array(code, np.int32))
+                    feeds[f"mat{j}"].append(mat)
+                    feeds[f"fac{j}"].append(np.array(fac, np.float32))
             kept.append(i)
             idx.append(self.source.image_id(i))
             names.append(self.source.name(i))
-            texts.append(self.text.finish(draft, flipped))
+            texts.append(self.text.finish(draft, state))
         encoded = self.text.encode(texts) if texts else None
         return _Prepared(feeds, kept, idx, names, encoded, skipped)
 
@@ -471,7 +509,7 @@ class DaliImageTextLoader:
     def _pipeline(self):
         if self._pipe is None:
             self._pipe = build_train_pipeline(
-                batch_size=self.batch_size,
+                batch_size=self.batch_size * self.images_per_sample,
                 num_threads=self.num_threads,
                 device=self.device,
                 image_size=self.image_size,
@@ -488,40 +526,54 @@ class DaliImageTextLoader:
         return _to_torch(out, self.device)
 
     def _images(self, prep: _Prepared) -> tuple[torch.Tensor, list[int]]:
-        """Run the pipeline on a prepared batch -> (images, rows kept); isolates decoder failures."""
-        rows = list(range(len(prep.index)))
+        """Run the pipeline on a prepared batch -> (images [n x kept, 3, S, S], sample rows kept: those whose
+        n images all decoded); isolates decoder failures."""
+        n = self.images_per_sample
+        samples = list(range(len(prep.index)))
+        rows = list(range(n * len(samples)))  # image rows: sample s owns rows n*s .. n*s + n-1
         try:
-            return self._run(prep.feeds, rows), rows
+            return self._run(prep.feeds, rows), samples
         except RuntimeError as e:
             logger.warning(
                 "DALI failed on a batch (%s); retrying its %d images one by one", str(e)[:200], len(rows)
             )
         self._pipe = None  # a pipeline that raised is no longer usable
-        parts, kept = [], []
+        parts: dict[int, torch.Tensor] = {}
         for r in rows:
             try:
-                parts.append(self._run(prep.feeds, [r]))
-                kept.append(r)
+                parts[r] = self._run(prep.feeds, [r])
             except RuntimeError as e:
                 self._pipe = None
                 logger.warning(
-                    "skipping image %s (index %d): DALI: %s", prep.names[r], prep.index[r], str(e)[:200]
+                    "skipping image %s (index %d): DALI: %s",
+                    prep.names[r // n],
+                    prep.index[r // n],
+                    str(e)[:200],
                 )
-        if not parts:
+        kept = [s for s in samples if all(n * s + k in parts for k in range(n))]
+        if not kept:
             return torch.zeros((0, 3, self.image_size, self.image_size), device=self.device), kept
-        return torch.cat(parts), kept
+        return torch.cat([parts[n * s + k] for s in kept for k in range(n)]), kept
+
+    def _image_keys(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[n x B, 3, S, S] (n rows per sample) -> {"image": [B, ...]} or {"image0": .., "image<n-1>": ..}."""
+        n = self.images_per_sample
+        if n == 1:
+            return {"image": images}
+        return {f"image{k}": images[k::n].contiguous() for k in range(n)}
 
     def _batch(self, prep: _Prepared) -> dict:
         if not prep.index:
             empty = torch.zeros(
                 (0, 3, self.image_size, self.image_size), device=self.device, dtype=self.dtype
             )
-            return {**empty_batch(prep.skipped, empty, self.with_idx), **self.text.empty()}
+            out = empty_batch(prep.skipped, empty, self.with_idx)
+            return {**self._image_keys(out.pop("image")), **out, **self.text.empty()}
         images, rows = self._images(prep)
         skipped = prep.skipped + len(prep.index) - len(rows)
         sel = torch.tensor(rows, dtype=torch.long)
         batch = {
-            "image": images.to(self.dtype),
+            **self._image_keys(images.to(self.dtype)),
             **self.text.tensors(prep.text, rows),
             "index": torch.tensor(prep.index, dtype=torch.long)[sel],
             "num_skipped": skipped,

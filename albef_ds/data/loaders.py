@@ -2,7 +2,8 @@
 as `data.loader` says: "torch" (an `ImageTextDataset` + `ImageTextCollator` in DataLoader workers, the
 reference) or "dali" (`dali.DaliImageTextLoader`, imported only when selected). Both yield the batch format
 of `batch`. What a sample holds beyond its image is a `SampleKind`: image-text pairs by default; a task with
-other samples (`vqa.VQASamples`) passes its own dataset, collator and DALI text side.
+other samples (`vqa.VQASamples`, `ve.VESamples`, `nlvr.NLVRSamples`: two images per sample) passes its own
+dataset, collator and DALI text side.
 """
 
 from __future__ import annotations
@@ -58,6 +59,38 @@ class SampleKind:
     def dali_text(self, tokenizer: TextTokenizer, data_cfg):
         """The DALI loader's text side (see `dali.CaptionText`); None = that default."""
         return None
+
+
+class TextSideSamples(SampleKind):
+    """A kind of sample built around one text-side object (`text(tokenizer)`, also the DALI loader's text
+    side): the torch dataset is `dataset_cls(source, text=..., image_size, aug, seed, max_pixels)` and the
+    collator `collator_cls(text)`. VQA, SNLI-VE and NLVR2 samples are such kinds; none carries image
+    numbers."""
+
+    dataset_cls: type
+    collator_cls: type
+    what = "these"  # the task named in errors
+
+    def text(self, tokenizer: TextTokenizer):
+        raise NotImplementedError
+
+    def dataset(self, source, data_cfg, tokenizer, *, image_size, aug, seed, with_idx) -> Dataset:
+        if with_idx:
+            raise ValueError(f"{self.what} batches carry no image numbers (with_idx)")
+        return self.dataset_cls(
+            source,
+            text=self.text(tokenizer),
+            image_size=image_size,
+            aug=aug,
+            seed=seed,
+            max_pixels=data_cfg.max_image_pixels,
+        )
+
+    def collator(self, tokenizer: TextTokenizer, *, with_idx: bool):
+        return self.collator_cls(self.text(tokenizer))
+
+    def dali_text(self, tokenizer: TextTokenizer, data_cfg):
+        return self.text(tokenizer)
 
 
 class _WorkerSeeder:

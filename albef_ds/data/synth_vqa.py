@@ -161,8 +161,9 @@ def _pick(rng: np.random.Generator, options) -> str:
     return str(options[int(rng.integers(len(options)))])
 
 
-def _sample_scene(rng: np.random.Generator) -> dict:
-    """Objects (distinct slots, shapes and colours, left to right), background and texture."""
+def sample_scene(rng: np.random.Generator) -> dict:
+    """Objects (distinct slots, shapes and colours, left to right), background and texture (also the scenes
+    of `synth_pairs`)."""
     n = int(rng.integers(1, 4))
     slots = sorted(int(k) for k in rng.choice(len(SLOTS), size=n, replace=False))
     shapes = [str(s) for s in rng.choice(SHAPES, size=n, replace=False)]
@@ -178,7 +179,7 @@ def _sample_scene(rng: np.random.Generator) -> dict:
     return {"objects": objects, "background": _pick(rng, backgrounds), "texture": _pick(rng, TEXTURES)}
 
 
-def _render(scene: dict, size: int, rng: np.random.Generator) -> Image.Image:
+def render_scene(scene: dict, size: int, rng: np.random.Generator) -> Image.Image:
     """Draw the scene; adds each object's "box" [x0, y0, x1, y1] (pixels) to it."""
     img = Image.fromarray(textured_background(scene["background"], scene["texture"], size, rng))
     for obj in scene["objects"]:
@@ -253,8 +254,8 @@ def _make_split(
     n_exists = 0
     qid = first_qid
     for i in range(count):
-        scene = _sample_scene(rng)
-        img = _render(scene, cfg.image_size, rng)
+        scene = sample_scene(rng)
+        img = render_scene(scene, cfg.image_size, rng)
         name = f"images/{split}_{i:06d}.jpg"
         img.save(folder / name, format="JPEG", quality=90)
         objects = [{k: o[k] for k in ("shape", "colour", "size", "box")} for o in scene["objects"]]

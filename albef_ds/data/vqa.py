@@ -52,7 +52,7 @@ from .annotations import read_json_list
 from .batch import empty_batch
 from .datasets import ImageTextDataset, load_image
 from .evalset import EvalImages
-from .loaders import SampleKind, build_train_loader
+from .loaders import TextSideSamples, build_train_loader
 from .sources import DEFAULT_MAX_PIXELS, ImageTextSource, JsonListSource
 from .text import TextTokenizer, clean_caption
 from .transforms import pretrain_transform
@@ -394,42 +394,22 @@ class VQACollator:
         }
 
 
-class VQASamples(SampleKind):
+class VQASamples(TextSideSamples):
     """VQA questions for `loaders.build_train_loader`: `VQATrainDataset` + `VQACollator` (torch) or the DALI
     loader with `VQAText` as its text side; `vqa_cfg` is the config's `vqa` section."""
 
     noun = "questions"
+    dataset_cls = VQATrainDataset
+    collator_cls = VQACollator
+
+    what = "VQA"
 
     def __init__(self, vqa_cfg) -> None:
         self.vqa_cfg = vqa_cfg
 
-    def dataset(
-        self,
-        source: ImageTextSource,
-        data_cfg,
-        tokenizer: TextTokenizer,
-        *,
-        image_size: int,
-        aug: dict,
-        seed: int,
-        with_idx: bool,
-    ) -> VQATrainDataset:
-        if with_idx:
-            raise ValueError("VQA batches carry no image numbers (with_idx)")
-        return VQATrainDataset(
-            source,
-            text=VQAText.from_config(self.vqa_cfg, tokenizer),
-            image_size=image_size,
-            aug=aug,
-            seed=seed,
-            max_pixels=data_cfg.max_image_pixels,
-        )
-
-    def collator(self, tokenizer: TextTokenizer, *, with_idx: bool) -> VQACollator:
-        return VQACollator(VQAText.from_config(self.vqa_cfg, tokenizer))
-
-    def dali_text(self, tokenizer: TextTokenizer, data_cfg) -> VQAText:
+    def text(self, tokenizer: TextTokenizer) -> VQAText:
         return VQAText.from_config(self.vqa_cfg, tokenizer)
+
 
 
 def build_vqa_train_loader(

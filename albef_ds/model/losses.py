@@ -196,3 +196,51 @@ def itc_loss_multi_positive(
         hard = pos.float() / pos.float().sum(dim=1, keepdim=True)
         targets = alpha * F.softmax(feat_m.float() @ bank.t() / t, dim=1) + (1.0 - alpha) * hard
     return kernels.soft_cross_entropy(sim, targets).mean()
+
+
+def distill_ce(
+    logits: torch.Tensor, logits_m: torch.Tensor | None, labels: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Classification with momentum distillation (NLVR2, SNLI-VE):
+    (1 - alpha) CE(z, y) + alpha mean_b[-sum_c softmax(z_m)_c log_softmax(z)_c]; logits (B, C), labels (B,).
+    Without a teacher (or alpha 0) the plain cross-entropy."""
+    ce = F.cross_entropy(logits.float(), labels)
+    if logits_m is None or alpha <= 0:
+        return ce
+    soft = F.softmax(logits_m.float(), dim=-1)
+    kl = -(soft * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    return (1.0 - alpha) * ce + alpha * kl
+
+
+TA_TEMP = 0.07  # text assignment samples its partner images at this fixed temperature (not the learned one)
+
+
+@torch.no_grad()
+def text_assignment(
+    image_feat: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NLVR2's text-assignment draw for B captions with unit image features (B, D) of their own images.
+
+    Partners of image i are drawn from softmax(f_i . f_j / 0.07) over j != i (diagonal at -inf before the
+    softmax); two draws without replacement by Gumbel top-2, so the two partners differ. With p = 2/3 the
+    pair is (true image, partner 1) in random slots and the label is the true image's slot (0 or 1); with
+    p = 1/3 it is (partner 1, partner 2) and the label is 2 (neither). Returns (image indices of slot 0 (B,),
+    of slot 1 (B,), labels (B,)), all on the features' device, no host sync. Needs B >= 3."""
+    b = image_feat.shape[0]
+    if b < 3:
+        raise ValueError(
+            f"text assignment needs at least 3 images per batch (two distinct partners), got {b}"
+        )
+    dev = image_feat.device
+    logits = image_feat.float() @ image_feat.float().t() / TA_TEMP  # (B, B)
+    logits.fill_diagonal_(float("-inf"))
+    u = torch.rand(logits.shape, device=dev, generator=generator)
+    tiny = torch.finfo(torch.float32).tiny
+    gumbel = -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-7)))
+    partners = (logits + gumbel).topk(2, dim=1).indices  # (B, 2): two distinct draws without replacement
+    r = torch.rand((b,), device=dev, generator=generator)
+    own = torch.arange(b, device=dev)
+    labels = torch.where(r < 1.0 / 3.0, 0, torch.where(r < 2.0 / 3.0, 1, 2))  # slot of the true image / 2
+    slot0 = torch.where(labels == 0, own, partners[:, 0])
+    slot1 = torch.where(labels == 1, own, torch.where(labels == 0, partners[:, 0], partners[:, 1]))
+    return slot0, slot1, labels

@@ -253,6 +253,45 @@ def derive_decoder(mapped: dict[str, torch.Tensor], model: nn.Module, report: Lo
         )
 
 
+def derive_pairs(mapped: dict[str, torch.Tensor], model: nn.Module, report: LoadReport) -> None:
+    """The NLVR2 paired fusion blocks from an unpaired encoder, in place: for a model whose text encoder
+    pairs its fusion layers (`model.nlvr.PairedBertModel`) and a source with one block per fusion layer,
+
+        text_encoder[_m].bert.encoder.layer.{f+k}.*  -> text_encoder[_m].bert.encoder.layer.{f+2k}.* and
+                                                        text_encoder[_m].bert.encoder.layer.{f+2k+1}.*
+
+    (both blocks of pair k from fusion layer k: self-attention, cross-attention, FFN; the pair's tied key and
+    value get the same tensor twice). Text layers [0, f) keep their index. A paired source (a TA or NLVR2
+    checkpoint) is left as it is."""
+    bert = getattr(getattr(model, "text_encoder", None), "bert", None)
+    pairs = getattr(bert, "pairs", None)
+    if not pairs:
+        return
+    f = bert.fusion_layer
+    for sfx in ("", "_m"):
+        prefix = f"text_encoder{sfx}.bert."
+        layers = {}
+        for k in mapped:
+            if k.startswith(prefix):
+                m = _ENCODER_LAYER.match(k[len(prefix) - len("bert.") :])
+                if m:
+                    layers.setdefault(int(m.group(1)), []).append(k)
+        if not layers or max(layers) >= f + pairs:
+            continue  # nothing of this copy, or already paired
+        moved = 0
+        for i in sorted((i for i in layers if i >= f), reverse=True):
+            for k in layers[i]:
+                v = mapped.pop(k)
+                rest = k.split(f".layer.{i}.", 1)[1]
+                for j in (f + 2 * (i - f), f + 2 * (i - f) + 1):
+                    mapped[f"{prefix}encoder.layer.{j}.{rest}"] = v
+                moved += 1
+        report.converted.append(
+            f"text_encoder{sfx} fusion layers {f}-{f + pairs - 1} -> paired blocks {f}-{f + 2 * pairs - 1} "
+            f"({moved} tensors, each into two blocks)"
+        )
+
+
 def _drop_unused_heads(mapped: dict[str, torch.Tensor], model: nn.Module, report: LoadReport) -> None:
     """The encoder's MLM head is dropped for a model without one (retrieval, VQA), once the decoder (which
     starts from it) has been derived."""
@@ -276,6 +315,7 @@ def convert_state(
     else:
         raise ValueError(f"unknown weight layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     derive_decoder(mapped, model, report)
+    derive_pairs(mapped, model, report)
     _drop_unused_heads(mapped, model, report)
     return mapped
 

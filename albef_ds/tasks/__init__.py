@@ -11,17 +11,28 @@ from pathlib import Path
 from ..config import Config, ConfigError
 from ..train.task import Task, TaskContext
 from ..train.trainer import StepHooks, Trainer
+from .classify import NLVRTask, TextAssignmentTask, VETask
 from .pretrain import PretrainTask
 from .retrieval import RetrievalTask
 from .vqa import VQATask
 
 log = logging.getLogger(__name__)
 
-TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask, "retrieval": RetrievalTask, "vqa": VQATask}
+TASKS: dict[str, type[Task]] = {
+    "pretrain": PretrainTask,
+    "retrieval": RetrievalTask,
+    "vqa": VQATask,
+    "nlvr2-ta": TextAssignmentTask,
+    "nlvr2": NLVRTask,
+    "ve": VETask,
+}
 FINETUNE_TASKS = tuple(n for n in TASKS if n != "pretrain")
 
 __all__ = [
     "FINETUNE_TASKS",
+    "NLVRTask",
+    "TextAssignmentTask",
+    "VETask",
     "TASKS",
     "PretrainTask",
     "RetrievalTask",
