@@ -48,7 +48,7 @@ from .evalset import eval_image_batches
 from .loaders import TextSideSamples, build_train_loader
 from .sources import DEFAULT_MAX_PIXELS, BadImage, ImageTextSource, JsonListSource, decode_rgb
 from .text import TextTokenizer, clean_caption
-from .transforms import pretrain_transform
+from .transforms import split_at_crop
 from .ve import SentenceLabelText, check_type_field
 from .vqa import swap_left_right
 
@@ -198,15 +198,12 @@ class NLVRTrainDataset(ImageTextDataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         # The pre-training transform without its flip, cut after its crop: the pair's flip goes in between.
-        transform = pretrain_transform(image_size, **{**aug, "hflip": False})
-        crop, *rest = transform.transforms
-        if not isinstance(crop, v2.RandomResizedCrop):
-            raise RuntimeError(f"pretrain_transform no longer starts with its crop: {transform}")
+        transform, crop, after_flip = split_at_crop(image_size, aug)
         super().__init__(
             source, transform=transform, max_words=text.max_words, seed=seed, max_pixels=max_pixels
         )
         self.crop = crop
-        self.after_flip = v2.Compose(rest)
+        self.after_flip = after_flip
         self.hflip = bool(aug["hflip"])
         self.text = text
 

@@ -163,3 +163,14 @@ def eval_transform(image_size: int) -> v2.Compose:
     """PIL image -> FloatTensor [3, S, S]: bicubic resize to S x S (no crop), CLIP normalisation."""
     ops = [v2.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC)]
     return v2.Compose(ops + _to_normalized_tensor() + [_ToPlainTensor()])
+
+
+def split_at_crop(image_size: int, aug: dict) -> tuple[v2.RandomResizedCrop, v2.Compose, v2.Compose]:
+    """The pre-training transform without its flip, cut after its crop, for samples whose flip the text
+    must know (VQA, NLVR2): (whole transform, crop, the rest: RandAugment + normalisation); the caller
+    draws the flip and applies it between the two. `aug`: `pretrain_transform`'s keywords."""
+    transform = pretrain_transform(image_size, **{**aug, "hflip": False})
+    crop, *rest = transform.transforms
+    if not isinstance(crop, v2.RandomResizedCrop):
+        raise RuntimeError(f"pretrain_transform no longer starts with its crop: {transform}")
+    return transform, crop, v2.Compose(rest)

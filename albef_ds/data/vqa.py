@@ -55,7 +55,7 @@ from .evalset import EvalImages
 from .loaders import TextSideSamples, build_train_loader
 from .sources import DEFAULT_MAX_PIXELS, ImageTextSource, JsonListSource
 from .text import TextTokenizer, clean_caption
-from .transforms import pretrain_transform
+from .transforms import split_at_crop
 
 logger = logging.getLogger(__name__)
 
@@ -350,15 +350,12 @@ class VQATrainDataset(ImageTextDataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         # The pre-training transform without its flip, cut after its crop: the flip goes in between.
-        transform = pretrain_transform(image_size, **{**aug, "hflip": False})
-        crop, *rest = transform.transforms
-        if not isinstance(crop, v2.RandomResizedCrop):
-            raise RuntimeError(f"pretrain_transform no longer starts with its crop: {transform}")
+        transform, crop, after_flip = split_at_crop(image_size, aug)
         super().__init__(
             source, transform=transform, max_words=text.max_question_words, seed=seed, max_pixels=max_pixels
         )
         self.crop = crop
-        self.after_flip = v2.Compose(rest)
+        self.after_flip = after_flip
         self.hflip = bool(aug["hflip"])
         self.text = text
 

@@ -26,9 +26,8 @@ from ..data.ve import VEEvalSet, build_ve_train_loader
 from ..eval.classify import accuracy, predict_classes
 from ..model.nlvr import ALBEFNLVR2, ALBEFTextAssignment
 from ..model.ve import ALBEFVE
-from ..train.checkpoint import init_weights
 from ..train.task import StepOutput, Task, TaskContext
-from .common import image_text, make_comm
+from .common import configured_init, image_text, make_comm
 from .pretrain import PretrainTask
 
 log = logging.getLogger(__name__)
@@ -148,12 +147,7 @@ class VETask(_ClassifyTask):
     def build_model(self, ctx: TaskContext, *, init: str | None = None) -> nn.Module:
         cfg = ctx.cfg
         model = ALBEFVE(cfg.model)
-        init_weights(
-            model,
-            vit=cfg.model.vit_init,
-            bert=cfg.model.bert_init,
-            albef=cfg.model.albef_init if init is None else init,
-        )
+        configured_init(model, cfg, init)
         return model
 
     def train_loader(self, ctx: TaskContext):
@@ -182,7 +176,7 @@ class NLVRTask(_ClassifyTask):
         cfg = ctx.cfg
         model = ALBEFNLVR2(cfg.model)
         source = cfg.model.albef_init if init is None else init
-        init_weights(model, vit=cfg.model.vit_init, bert=cfg.model.bert_init, albef=source)
+        configured_init(model, cfg, source)
         # The teacher starts as the loaded student (a TA checkpoint has no momentum weights; the reference
         # copied before loading, so its teacher was random).
         model.copy_params()
@@ -223,12 +217,7 @@ class TextAssignmentTask(Task):
     def build_model(self, ctx: TaskContext, *, init: str | None = None) -> nn.Module:
         cfg = ctx.cfg
         model = ALBEFTextAssignment(cfg.model)
-        init_weights(
-            model,
-            vit=cfg.model.vit_init,
-            bert=cfg.model.bert_init,
-            albef=cfg.model.albef_init if init is None else init,
-        )
+        configured_init(model, cfg, init)
         return model
 
     def train_loader(self, ctx: TaskContext):

@@ -9,6 +9,7 @@ from ..config import Config, ConfigError
 from ..data import RetrievalEvalSet
 from ..data.karpathy import check_karpathy_eval
 from ..eval.comm import LocalComm, ProcessGroupComm
+from ..train.checkpoint import init_weights
 from ..train.task import TaskContext
 
 
@@ -35,3 +36,11 @@ def load_eval_set(cfg: Config, path: str, image_root: str = "") -> RetrievalEval
 
 def make_comm(ctx: TaskContext):
     return ProcessGroupComm() if ctx.info.world_size > 1 else LocalComm()
+
+
+def configured_init(model, cfg: Config, init: str | None = None):
+    """`model` with the configured start-up weights (model.vit_init, bert_init, then the whole-model
+    model.albef_init, which `init` overrides when given); returns the model."""
+    albef = cfg.model.albef_init if init is None else init
+    init_weights(model, vit=cfg.model.vit_init, bert=cfg.model.bert_init, albef=albef)
+    return model

@@ -18,9 +18,8 @@ from ..data import RetrievalEvalSet, build_pretrain_loader
 from ..data.sources import expand_shards, is_shard_spec
 from ..eval.retrieval import itc_retrieval
 from ..model import ALBEFPretrain, identity_gather
-from ..train.checkpoint import init_weights
 from ..train.task import StepOutput, Task, TaskContext
-from .common import image_text, load_eval_set
+from .common import configured_init, image_text, load_eval_set
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +62,7 @@ class PretrainTask(Task):
         )
         if self.ops is not None:
             model.ops = self.ops
-        init_weights(
-            model,
-            vit=cfg.model.vit_init,
-            bert=cfg.model.bert_init,
-            albef=cfg.model.albef_init if init is None else init,
-        )
+        configured_init(model, cfg, init)
         return model
 
     def train_loader(self, ctx: TaskContext):

@@ -21,9 +21,8 @@ from ..data import RetrievalEvalSet
 from ..data.karpathy import build_retrieval_train_loader, check_karpathy_eval
 from ..eval.itm import evaluate_retrieval
 from ..model.retrieval import ALBEFRetrieval
-from ..train.checkpoint import init_weights
 from ..train.task import StepOutput, Task, TaskContext
-from .common import image_text, load_eval_set, make_comm
+from .common import configured_init, image_text, load_eval_set, make_comm
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +62,7 @@ class RetrievalTask(Task):
             loss_weights=(cfg.loss.itc_weight, cfg.loss.itm_weight, 0.0),
             all_gather=ctx.all_gather,
         )
-        init_weights(
-            model,
-            vit=cfg.model.vit_init,
-            bert=cfg.model.bert_init,
-            albef=cfg.model.albef_init if init is None else init,
-        )
+        configured_init(model, cfg, init)
         log.info(
             "retrieval model at %d px, from %s",
             cfg.model.vision.image_size,

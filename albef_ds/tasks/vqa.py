@@ -30,9 +30,8 @@ from ..data.vqa import (
 from ..eval.vqa import predict_answers
 from ..eval.vqa_metric import majority_answer, vqa_scores, write_evalai
 from ..model.vqa import ALBEFVQA
-from ..train.checkpoint import init_weights
 from ..train.task import StepOutput, Task, TaskContext
-from .common import make_comm
+from .common import configured_init, make_comm
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class VQATask(Task):
         cfg = ctx.cfg
         model = ALBEFVQA(cfg.model, special_tokens=ctx.special_tokens)
         source = cfg.model.albef_init if init is None else init
-        init_weights(model, vit=cfg.model.vit_init, bert=cfg.model.bert_init, albef=source)
+        configured_init(model, cfg, source)
         log.info(
             "VQA model at %d px, from %s", cfg.model.vision.image_size, source or "random initialisation"
         )
