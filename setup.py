@@ -39,6 +39,10 @@ setup(
         "numpy",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest", "ruff"], "deepspeed": ["deepspeed==0.19.8"]},
+    extras_require={
+        "dev": ["pytest", "ruff"],
+        "deepspeed": ["deepspeed==0.19.8"],
+        "viz": ["matplotlib"],  # grounding pictures (albef_ds.eval.grounding_viz)
+    },
     entry_points={"console_scripts": ["albef-ds=albef_ds.cli:main"]},
 )

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from .attention import KeptAttention, attention_with_probs
 
 
 class BertEmbeddings(nn.Module):
@@ -63,12 +64,16 @@ class _ResidualOutput(nn.Module):
 
 
 class BertAttention(nn.Module):
-    """Post-LN multi-head attention block; self-attention when kv is None, else cross-attention."""
+    """Post-LN multi-head attention block; self-attention when kv is None, else cross-attention.
+
+    `kept` is None (SDPA) except inside `attention.keep_attention(this module)`, which makes the block compute
+    its attention explicitly and hand back the probabilities (Grad-CAM)."""
 
     def __init__(self, cfg: TextConfig, kv_width: int | None = None) -> None:
         super().__init__()
         self.heads = cfg.heads
         self.attn_dropout = cfg.dropout
+        self.kept: KeptAttention | None = None
         # `self` is a valid attribute name in Python; it keeps BERT's key `attention.self.query.weight`.
         setattr(self, "self", _QKV(cfg.hidden, kv_width or cfg.hidden))  # noqa: B010
         self.output = _ResidualOutput(cfg, cfg.hidden)
@@ -86,7 +91,10 @@ class BertAttention(nn.Module):
         k = proj.key(src).view(b, lk, self.heads, d).transpose(1, 2)  # (B, nh, Lk, d)
         v = proj.value(src).view(b, lk, self.heads, d).transpose(1, 2)
         p = self.attn_dropout if self.training else 0.0
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        if self.kept is None:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:  # keep_attention(self) is open: explicit softmax, probabilities (B, nh, Lq, Lk) kept
+            ctx, self.kept.probs = attention_with_probs(q, k, v, mask, dropout_p=p)
         ctx = ctx.transpose(1, 2).reshape(b, lq, h)
         return self.output(ctx, x)
 
