@@ -242,6 +242,60 @@ class VEConfig:
 
 
 @dataclass
+class GroundingSynthConfig:
+    """`albef-ds data synth-grounding`: referring expressions about generated images of two or three objects
+    (layout and splits: `data.synth_grounding`)."""
+
+    out_dir: str = "data/synth_grounding"  # images, train/val/test JSON (ALBEF layout), refs.json, proposals
+    num_train_images: int = 1000  # training images (refs_per_image x expressions_per_ref expressions each)
+    num_val_images: int = 100  # split "val" (scenes of two or three objects)
+    num_test_images: int = 200  # test.json: the first half "testA" (three objects), the rest "testB" (two)
+    refs_per_image: int = 2  # objects referred to per image (at most the scene's object count)
+    expressions_per_ref: int = 2  # referring expressions per referred object
+    num_proposals: int = 10  # boxes per image in proposals.json: every object's box, jittered copies, random
+    position_words: bool = True  # expressions may name the object's third (left / middle / right); false =
+    #                              RefCOCO+'s rule (no location words; safe under a horizontal flip)
+    image_size: int = 96  # side of the generated JPEGs
+    seed: int = 0
+
+
+GRADCAM_KINDS = ("itm", "itc")
+
+
+@dataclass
+class GroundingConfig:
+    """Weakly-supervised grounding (RefCOCO+): trained as retrieval on the ALBEF JSON layout (train:
+    [{"image", "text"}]; val/test: [{"image", "text", "ref_id"}]), scored by Grad-CAM over box proposals.
+    refs.json and proposals.json: our layout (`data.grounding`); `data.refer.convert_refer` writes refs.json
+    from the REFER API's refs(unc).p + instances.json. Starts from model.albef_init."""
+
+    train_file: list[str] = field(default_factory=list)  # ALBEF grounding train JSON(s): [{"image", "text"}]
+    val_file: str = ""  # [{"image", "text", "ref_id"}]: accuracy per split, picks the best epoch; "" = none
+    test_file: str = ""  # the same layout, evaluated with the best weights at the end; "" = none
+    refs_file: str = ""  # refs.json: ref_id -> image_id, split, ground-truth box; image_id -> width, height
+    proposals_file: str = ""  # proposals.json: image_id -> candidate boxes [x, y, w, h] (MAttNet dets.json)
+    image_root: str = ""  # prefix of relative image paths; "" = relative to each JSON file's folder
+    gradcam_kind: str = "itm"  # "itm": fusion cross-attention, d(positive ITM logit); "itc": ViT [CLS] row
+    # Layer of the Grad-CAM: itm = a text-encoder layer index in [text.fusion_layer, text.layers) (the
+    # reference's 8 = the 3rd fusion layer of ALBEF-base), itc = a ViT block in [0, vision.depth). null = the
+    # 3rd fusion layer (itm) or block 8 (itc), or the last one where the model has fewer
+    # (`resolved_gradcam_layer`).
+    gradcam_layer: int | None = None
+    iou_threshold: float = 0.5  # a predicted box is a hit when its IoU with the ground truth is >= this
+    box_area_power: float = 0.5  # proposal score = (map summed inside the box) / (w * h) ** this
+    eval_every: int = 1  # evaluate val every N epochs (and after the last)
+    synth: GroundingSynthConfig = field(default_factory=GroundingSynthConfig)
+
+    def resolved_gradcam_layer(self, model: ModelConfig) -> int:
+        """The Grad-CAM layer index for `model` (gradcam_layer, or its default when null)."""
+        if self.gradcam_layer is not None:
+            return self.gradcam_layer
+        if self.gradcam_kind == "itc":
+            return min(8, model.vision.depth - 1)
+        return min(model.text.fusion_layer + 2, model.text.layers - 1)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -253,6 +307,7 @@ class Config:
     vqa: VQAConfig = field(default_factory=VQAConfig)
     nlvr: NLVRConfig = field(default_factory=NLVRConfig)
     ve: VEConfig = field(default_factory=VEConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
 
     def validate(self) -> None:
         """Cross-field checks; every message names the fields involved."""
@@ -335,11 +390,33 @@ class Config:
                 f"vqa.eval_max_tokens ({q.eval_max_tokens}) must lie in 2..model.text.max_position "
                 f"({t.max_position})"
             )
-        for name in ("nlvr", "ve"):
+        for name in ("nlvr", "ve", "grounding"):
             if getattr(self, name).eval_every < 1:
                 raise ConfigError(f"{name}.eval_every must be >= 1, got {getattr(self, name).eval_every}")
         if q.vg_weight < 0:
             raise ConfigError(f"vqa.vg_weight must be >= 0, got {q.vg_weight}")
+        self._validate_grounding()
+
+    def _validate_grounding(self) -> None:
+        g, t, v = self.grounding, self.model.text, self.model.vision
+        if g.gradcam_kind not in GRADCAM_KINDS:
+            raise ConfigError(f"grounding.gradcam_kind must be 'itm' or 'itc', got {g.gradcam_kind!r}")
+        if g.gradcam_layer is not None:
+            if g.gradcam_kind == "itm" and not t.fusion_layer <= g.gradcam_layer < t.layers:
+                raise ConfigError(
+                    f"grounding.gradcam_layer ({g.gradcam_layer}) must be a fusion layer for gradcam_kind "
+                    f"'itm': model.text.fusion_layer ({t.fusion_layer}) .. model.text.layers - 1 "
+                    f"({t.layers - 1})"
+                )
+            if g.gradcam_kind == "itc" and not 0 <= g.gradcam_layer < v.depth:
+                raise ConfigError(
+                    f"grounding.gradcam_layer ({g.gradcam_layer}) must be a ViT block for gradcam_kind "
+                    f"'itc': 0 .. model.vision.depth - 1 ({v.depth - 1})"
+                )
+        if not 0.0 < g.iou_threshold <= 1.0:
+            raise ConfigError(f"grounding.iou_threshold must lie in (0, 1], got {g.iou_threshold}")
+        if g.box_area_power < 0:
+            raise ConfigError(f"grounding.box_area_power must be >= 0, got {g.box_area_power}")
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -372,6 +449,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"config key '{key}'{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):  # the null of an optional field (`int | None`)
+        if value is not None:
+            raise ConfigError(f"config key '{key}'{where}: expected null, got {value!r}")
+        return None
     if tp is float:
         if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
             return float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string; YAML 1.2 and users say float

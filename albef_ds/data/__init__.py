@@ -10,14 +10,26 @@
 * the tasks' data on top: `karpathy` (retrieval data in the Karpathy layout), `vqa` (VQA records, answer
   targets, the VQA training loader and evaluation set), `ve` (SNLI-VE records, the (sentence, class) text
   side, its training loader and evaluation set), `nlvr` (NLVR2 records, the pair flip, the two-image training
-  loader and evaluation set; on `ve` and `vqa`);
+  loader and evaluation set; on `ve` and `vqa`), `grounding` (RefCOCO+ files, our refs.json / proposals.json
+  layout, the training set through the retrieval loader, the evaluation set; on `karpathy`), `refer` (REFER's
+  refs pickle + instances.json -> refs.json without running code from the pickle; on `grounding`);
 * the task generators beside them: `synth_vqa` (the synthetic VQA set, on `synth`), `synth_pairs` (the
-  synthetic NLVR2 and SNLI-VE sets, on `synth_vqa`'s scenes).
+  synthetic NLVR2 and SNLI-VE sets, on `synth_vqa`'s scenes), `synth_grounding` (the synthetic grounding
+  set, on `synth_vqa`'s scenes).
 """
 
 from .annotations import load_annotations
 from .datasets import ImageTextCollator, ImageTextDataset
 from .evalset import EvalImageDataset, RetrievalEvalSet
+from .grounding import (
+    GroundingEvalSet,
+    build_grounding_train_loader,
+    load_grounding_eval,
+    load_grounding_train,
+    load_proposals,
+    load_refs,
+    write_retrieval_train,
+)
 from .loaders import build_pretrain_loader, build_train_loader
 from .nlvr import NLVREvalSet, build_nlvr_train_loader, load_nlvr_records, pair_flip
 from .sampler import ShardedEpochSampler
@@ -78,4 +90,11 @@ __all__ = [
     "build_nlvr_train_loader",
     "load_nlvr_records",
     "pair_flip",
+    "GroundingEvalSet",
+    "build_grounding_train_loader",
+    "load_grounding_eval",
+    "load_grounding_train",
+    "load_proposals",
+    "load_refs",
+    "write_retrieval_train",
 ]
