@@ -1,5 +1,6 @@
-"""`albef-ds` command line: pretrain, finetune TASK, evaluate TASK, export, bench throughput, data synth /
-synth-retrieval / synth-vqa / shard / validate, launch slurm. Each sub-command names its function
+"""`albef-ds` command line: pretrain, finetune TASK, evaluate TASK, visualize grounding, export, bench
+throughput, data synth / synth-retrieval / synth-vqa / synth-nlvr2 / synth-ve / synth-grounding /
+convert-refer / shard / validate, launch slurm. Each sub-command names its function
 (`set_defaults(func=...)`)."""
 
 from __future__ import annotations
@@ -164,10 +165,35 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(f)
     f.set_defaults(func=_cmd_train)
 
+    f = fsub.add_parser(
+        "grounding",
+        help="weakly-supervised grounding (RefCOCO+): retrieval training, Grad-CAM box choice",
+        description="Fine-tune ALBEF on referring expressions as retrieval (every expression of an image a "
+        "positive; grounding.train_file) from model.albef_init. Every grounding.eval_every epochs the "
+        "val split is grounded: the Grad-CAM map of each expression (grounding.gradcam_kind: ITM on the "
+        "cross-attention of grounding.gradcam_layer, default the third fusion layer; or ITC on a ViT block) "
+        "picks the proposal (grounding.proposals_file) with the most heat per sqrt(area), a hit at IoU >= "
+        "grounding.iou_threshold with the box of grounding.refs_file; accuracy per split (val / testA / "
+        "testB). The best val accuracy is kept in checkpoint_best.pt, the test file is grounded with it; "
+        "pictures of grounding.num_pictures expressions go to <output_dir>/grounding_pictures/; results.json "
+        "holds val, test and the random- and largest-proposal baselines.",
+    )
+    _add_config_args(f)
+    f.set_defaults(func=_cmd_train)
+
     for name, help_, desc in _CLASSIFY_TASKS:
         f = fsub.add_parser(name, help=help_, description=desc)
         _add_config_args(f)
         f.set_defaults(func=_cmd_train)
+    e = esub.add_parser(
+        "grounding",
+        help="grounding accuracy (Grad-CAM over proposals) of a checkpoint, distributed over the ranks",
+        description="Ground every expression of a grounding split (default grounding.test_file, else "
+        "val_file; or --split-file) with the checkpoint's Grad-CAM map and the proposals, every rank its "
+        "share; accuracy overall and per split. Rank 0 draws grounding.num_pictures expressions into "
+        "<train.output_dir>/grounding_pictures/.",
+    )
+    _add_eval_args(e)
     for name in ("nlvr2", "ve"):
         e = esub.add_parser(
             name,
@@ -176,6 +202,27 @@ def _parser() -> argparse.ArgumentParser:
             "--split-file), every rank classifying its share (each example counted once).",
         )
         _add_eval_args(e)
+
+    p = sub.add_parser(
+        "visualize", help="pictures of what a model does", description="Pictures of what a model does."
+    )
+    vsub = p.add_subparsers(dest="visualize_command", required=True, metavar="WHAT")
+    v = vsub.add_parser(
+        "grounding",
+        help="PNGs of expressions with their Grad-CAM heat map, chosen proposal and true box",
+        description="Ground the first --num expressions of a grounding split (default grounding.test_file, "
+        "else val_file; or --split-file) with the checkpoint (default model.albef_init) and draw each: the "
+        "image with its heat map, the chosen proposal, the ground-truth box and the expression as the "
+        "title; one PNG per expression and grid.png, in --out. One process.",
+    )
+    _add_config_args(v)
+    v.add_argument("--checkpoint", default="", help="weights (default: model.albef_init)")
+    v.add_argument("--split-file", default="", help="grounding val/test JSON (default: the test file)")
+    v.add_argument("--num", type=int, default=16, help="expressions to draw (default 16)")
+    v.add_argument(
+        "--out", default="", help="folder (default <train.output_dir>/grounding_pictures/visualize_<split>)"
+    )
+    v.set_defaults(func=_cmd_visualize_grounding)
 
     p = sub.add_parser(
         "export",
@@ -260,6 +307,31 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--force", action="store_true", help="regenerate even if a complete set exists")
         s.set_defaults(func=_cmd_synth_pairs, what=what)
     s = dsub.add_parser(
+        "synth-grounding",
+        help="synthetic referring expressions with boxes and proposals (grounding.synth.*)",
+        description="Write images of two or three objects, referring expressions that single out one of "
+        "them ('the small red circle on the left'), their ground-truth boxes (from the generator) and "
+        "proposals (the objects' boxes, jittered and random ones): train/val/test JSON in the ALBEF layout, "
+        "refs.json and proposals.json, into grounding.synth.out_dir. Skips the work when a complete set "
+        "with the same settings is there.",
+    )
+    _add_config_args(s)
+    s.add_argument("--force", action="store_true", help="regenerate even if a complete set exists")
+    s.set_defaults(func=_cmd_synth_grounding)
+    s = dsub.add_parser(
+        "convert-refer",
+        help="RefCOCO+ refs pickle (REFER API) + instances.json -> our refs.json (and proposals.json)",
+        description="Convert the REFER API's refs(unc).p and the COCO instances.json of RefCOCO+ into "
+        "refs.json (ref_id -> image_id, split, box; image_id -> width, height, file name), once. The pickle "
+        "is read with an unpickler that refuses every global, so nothing in it can run code. With --dets, "
+        "the MAttNet proposals (dets.json) are checked against the refs and written as proposals.json.",
+    )
+    s.add_argument("refs_pickle", help="refs(unc).p of the REFER API")
+    s.add_argument("instances_json", help="instances.json of refcoco+")
+    s.add_argument("--dets", default="", help="dets.json proposals (str(image_id) -> [[x, y, w, h], ...])")
+    s.add_argument("--out", "-o", required=True, help="output folder")
+    s.set_defaults(func=_cmd_convert_refer)
+    s = dsub.add_parser(
         "shard",
         help="convert JSON image-text lists into webdataset tar shards",
         description="Write the pairs of JSON lists ({image, caption: str | [str]}) as webdataset shards "
@@ -338,6 +410,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"{args.task} fine-tuning: best epoch {result.get('best_epoch')}, "
                 f"val accuracy {val['accuracy']:.2f}"
                 f" (majority class {base.get('val_majority_accuracy', float('nan')):.2f})"
+                + (f", test accuracy {test['accuracy']:.2f}" if test else "")
+            )
+        elif args.task == "grounding" and val:
+            base = result.get("baseline", {})
+            rand = base.get("val_random_proposal_accuracy", float("nan"))
+            largest = base.get("val_largest_box_accuracy", float("nan"))
+            print(
+                f"grounding fine-tuning: best epoch {result.get('best_epoch')}, val accuracy "
+                f"{val['accuracy']:.2f} (random proposal {rand:.2f}, largest box {largest:.2f})"
                 + (f", test accuracy {test['accuracy']:.2f}" if test else "")
             )
         elif test and "r_mean" in test:
@@ -449,6 +530,34 @@ def _cmd_synth_pairs(args: argparse.Namespace) -> int:
     make = synth_pairs.generate_synthetic_nlvr2 if args.what == "nlvr" else synth_pairs.generate_synthetic_ve
     out = make(getattr(cfg, args.what).synth, force=args.force)
     print(f"synthetic {args.what} set in {out}")
+    return 0
+
+
+def _cmd_synth_grounding(args: argparse.Namespace) -> int:
+    from .data.synth_grounding import generate_synthetic_grounding
+
+    out = generate_synthetic_grounding(_config(args).grounding.synth, force=args.force)
+    print(f"synthetic grounding set in {out}")
+    return 0
+
+
+def _cmd_convert_refer(args: argparse.Namespace) -> int:
+    from .data.refer import convert_proposals, convert_refer
+
+    out = {"refs": str(convert_refer(args.refs_pickle, args.instances_json, args.out))}
+    if args.dets:
+        out["proposals"] = str(convert_proposals(args.dets, args.out, refs=out["refs"]))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _cmd_visualize_grounding(args: argparse.Namespace) -> int:
+    from .tasks import visualize_grounding
+
+    res = visualize_grounding(
+        _config(args), args.checkpoint, split_file=args.split_file, num=args.num, out=args.out
+    )
+    print(json.dumps(res, indent=2))
     return 0
 
 

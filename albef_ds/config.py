@@ -212,6 +212,9 @@ class PairSynthConfig:
     num_test: int = 150
     image_size: int = 80  # side of the generated JPEGs
     seed: int = 0
+    # Statement kinds to draw (NLVR2: synth_pairs.NLVR_TYPES; SNLI-VE: VE_TYPES, the entailment and
+    # contradiction kinds, neutral always included); empty = all of them.
+    kinds: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -262,6 +265,17 @@ class GroundingSynthConfig:
 GRADCAM_KINDS = ("itm", "itc")
 
 
+def default_gradcam_fusion_layer(fusion_layer: int, num_layers: int) -> int:
+    """The ITM Grad-CAM layer by default: ALBEF's relative depth, a third of the way into the fusion layers,
+    fusion_layer + (num_layers - fusion_layer) // 3 (8 for ALBEF-base: the third of its fusion layers 6..11;
+    the first of a model with two)."""
+    if num_layers <= fusion_layer:
+        raise ValueError(
+            f"the text encoder has no fusion layer ({num_layers} layers, fusion_layer {fusion_layer})"
+        )
+    return fusion_layer + (num_layers - fusion_layer) // 3
+
+
 @dataclass
 class GroundingConfig:
     """Weakly-supervised grounding (RefCOCO+): trained as retrieval on the ALBEF JSON layout (train:
@@ -277,13 +291,13 @@ class GroundingConfig:
     image_root: str = ""  # prefix of relative image paths; "" = relative to each JSON file's folder
     gradcam_kind: str = "itm"  # "itm": fusion cross-attention, d(positive ITM logit); "itc": ViT [CLS] row
     # Layer of the Grad-CAM: itm = a text-encoder layer index in [text.fusion_layer, text.layers) (the
-    # reference's 8 = the 3rd fusion layer of ALBEF-base), itc = a ViT block in [0, vision.depth). null = the
-    # 3rd fusion layer (itm) or block 8 (itc), or the last one where the model has fewer
-    # (`resolved_gradcam_layer`).
+    # reference's 8 = the 3rd fusion layer of ALBEF-base), itc = a ViT block in [0, vision.depth). null = a
+    # third of the way into the fusion layers (itm: 8 for ALBEF-base, `default_gradcam_fusion_layer`) or
+    # block 8 (itc; the last block of a smaller ViT) (`resolved_gradcam_layer`).
     gradcam_layer: int | None = None
     iou_threshold: float = 0.5  # a predicted box is a hit when its IoU with the ground truth is >= this
-    box_area_power: float = 0.5  # proposal score = (map summed inside the box) / (w * h) ** this
     eval_every: int = 1  # evaluate val every N epochs (and after the last)
+    num_pictures: int = 8  # expressions drawn (heat map, chosen and true box) per evaluation; 0 = none
     synth: GroundingSynthConfig = field(default_factory=GroundingSynthConfig)
 
     def resolved_gradcam_layer(self, model: ModelConfig) -> int:
@@ -292,7 +306,7 @@ class GroundingConfig:
             return self.gradcam_layer
         if self.gradcam_kind == "itc":
             return min(8, model.vision.depth - 1)
-        return min(model.text.fusion_layer + 2, model.text.layers - 1)
+        return default_gradcam_fusion_layer(model.text.fusion_layer, model.text.layers)
 
 
 @dataclass
@@ -413,10 +427,10 @@ class Config:
                     f"grounding.gradcam_layer ({g.gradcam_layer}) must be a ViT block for gradcam_kind "
                     f"'itc': 0 .. model.vision.depth - 1 ({v.depth - 1})"
                 )
+        if g.num_pictures < 0:
+            raise ConfigError(f"grounding.num_pictures must be >= 0, got {g.num_pictures}")
         if not 0.0 < g.iou_threshold <= 1.0:
             raise ConfigError(f"grounding.iou_threshold must lie in (0, 1], got {g.iou_threshold}")
-        if g.box_area_power < 0:
-            raise ConfigError(f"grounding.box_area_power must be >= 0, got {g.box_area_power}")
 
 
 # ---------------------------------------------------------------------------------------- loading

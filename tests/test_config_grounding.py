@@ -35,7 +35,7 @@ def test_defaults_and_round_trip(tmp_path):
 
 def test_default_layer_fits_small_models():
     itm = load_config(None, ["model.text.layers=4", "model.text.fusion_layer=2", "model.vision.depth=3"])
-    assert itm.grounding.resolved_gradcam_layer(itm.model) == 3  # the last fusion layer
+    assert itm.grounding.resolved_gradcam_layer(itm.model) == 2  # the first of two fusion layers
     itc = load_config(None, ["model.vision.depth=3", "grounding.gradcam_kind=itc"])
     assert itc.grounding.resolved_gradcam_layer(itc.model) == 2  # the last ViT block
     base = load_config(None, ["grounding.gradcam_kind=itc"])
@@ -58,7 +58,6 @@ def test_default_layer_fits_small_models():
         (["grounding.gradcam_layer=high"], r"'grounding\.gradcam_layer'.*expected int \| None"),
         (["grounding.gradcam_layer=1.5"], r"'grounding\.gradcam_layer'.*expected int \| None"),
         (["grounding.iou_threshold=0"], r"grounding\.iou_threshold must lie in \(0, 1\]"),
-        (["grounding.box_area_power=-1"], r"grounding\.box_area_power must be >= 0"),
         (["grounding.eval_every=0"], r"grounding\.eval_every must be >= 1"),
         (["grounding.synth.num_proposal=3"], r"unknown config key 'grounding\.synth\.num_proposal'"),
     ],

@@ -52,6 +52,7 @@ image's proposals and its original size; the images (one per expression) through
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -386,3 +387,10 @@ class GroundingEvalSet(EvalImages):
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def head(self, n: int) -> GroundingEvalSet:
+        """A view of the first n expressions (the per-expression lists cut, everything else shared)."""
+        view = copy.copy(self)
+        for key in ("texts", "ref_ids", "images", "image_ids", "splits", "boxes", "proposals", "sizes"):
+            setattr(view, key, getattr(self, key)[:n])
+        return view

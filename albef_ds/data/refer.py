@@ -35,7 +35,7 @@ REFS_FILE = "refs.json"
 PROPOSALS_FILE = "proposals.json"
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
     """A pickle that names a global (a class, function or module attribute): refused, nothing was run."""
 
 

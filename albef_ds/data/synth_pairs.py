@@ -177,10 +177,10 @@ def _nlvr_statement(kind: str, scenes: list[dict], want: bool, rng: np.random.Ge
     raise ValueError(f"unknown NLVR2 statement kind {kind!r}; expected one of {NLVR_TYPES}")
 
 
-def _nlvr_schedule(rng: np.random.Generator) -> list[tuple[str, bool]]:
+def _nlvr_schedule(rng: np.random.Generator, kinds: tuple[str, ...] = NLVR_TYPES) -> list[tuple[str, bool]]:
     """One block of (kind, true?): every kind once true and once false, true and false alternating."""
-    trues = [NLVR_TYPES[int(k)] for k in rng.permutation(len(NLVR_TYPES))]
-    falses = [NLVR_TYPES[int(k)] for k in rng.permutation(len(NLVR_TYPES))]
+    trues = [kinds[int(k)] for k in rng.permutation(len(kinds))]
+    falses = [kinds[int(k)] for k in rng.permutation(len(kinds))]
     return [x for pair in zip([(k, True) for k in trues], [(k, False) for k in falses]) for x in pair]
 
 
@@ -258,9 +258,10 @@ def _ve_statement(label: str, kind: str, scene: dict, rng: np.random.Generator) 
 
 class _VESchedule:
     """Labels in shuffled blocks of the three; entailment and contradiction kinds in shuffled blocks of
-    VE_TYPES each (so every kind is as often true as false)."""
+    `kinds` (default VE_TYPES) each (so every kind is as often true as false)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kinds: tuple[str, ...] = VE_TYPES) -> None:
+        self.types = kinds
         self.labels: list[str] = []
         self.kinds: dict[str, list[str]] = {"entailment": [], "contradiction": []}
 
@@ -272,7 +273,7 @@ class _VESchedule:
             return label, "neutral"
         queue = self.kinds[label]
         if not queue:
-            queue += [VE_TYPES[int(k)] for k in rng.permutation(len(VE_TYPES))]
+            queue += [self.types[int(k)] for k in rng.permutation(len(self.types))]
         return label, queue.pop()
 
 
@@ -305,27 +306,38 @@ def _objects(scene: dict) -> list[dict]:
 class _Task:
     key: str  # signature section, seed stream
     what: str  # for messages
-    schedule: Callable[[], Callable[[np.random.Generator], object]]  # a fresh per-split "next item" function
+    schedule: Callable[[tuple[str, ...]], Callable[[np.random.Generator], object]]  # per split, of kinds
     example: Callable[..., dict]
+    kinds: tuple[str, ...]  # every statement kind (the default selection)
 
 
-def _nlvr_items() -> Callable[[np.random.Generator], object]:
+def _nlvr_items(kinds: tuple[str, ...]) -> Callable[[np.random.Generator], object]:
     queue: list = []
 
     def next_item(rng: np.random.Generator):
         if not queue:
-            queue.extend(reversed(_nlvr_schedule(rng)))
+            queue.extend(reversed(_nlvr_schedule(rng, kinds)))
         return queue.pop()
 
     return next_item
 
 
-def _ve_items() -> Callable[[np.random.Generator], object]:
-    return _VESchedule().next
+def _ve_items(kinds: tuple[str, ...]) -> Callable[[np.random.Generator], object]:
+    return _VESchedule(kinds).next
 
 
-_NLVR = _Task("nlvr2", "synthetic NLVR2 set", _nlvr_items, _nlvr_example)
-_VE = _Task("ve", "synthetic SNLI-VE set", _ve_items, _ve_example)
+_NLVR = _Task("nlvr2", "synthetic NLVR2 set", _nlvr_items, _nlvr_example, NLVR_TYPES)
+_VE = _Task("ve", "synthetic SNLI-VE set", _ve_items, _ve_example, VE_TYPES)
+
+
+def _kinds(task: _Task, cfg: PairSynthConfig) -> tuple[str, ...]:
+    bad = [k for k in cfg.kinds if k not in task.kinds]
+    if bad or len(set(cfg.kinds)) != len(cfg.kinds):
+        raise ValueError(
+            f"{task.what}: synth.kinds {list(cfg.kinds)} must be distinct kinds of {list(task.kinds)} "
+            f"(unknown: {bad})"
+        )
+    return tuple(cfg.kinds) or task.kinds
 _OUR_FILES = {"images", *(f"{s}.json" for s in SPLITS), "DONE"}
 
 
@@ -370,6 +382,7 @@ def _generate(task: _Task, cfg: PairSynthConfig, *, progress: bool, force: bool)
         raise ValueError(
             f"{task.what} needs image_size >= 32 (three objects side by side), got {cfg.image_size}"
         )
+    kinds = _kinds(task, cfg)
     counts = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}
     with staged_folder(out, _OUR_FILES, lambda: _ready(task, cfg), task.what) as tmp:
         bar = tqdm(total=sum(counts.values()), desc=task.what, disable=not progress)
@@ -377,7 +390,7 @@ def _generate(task: _Task, cfg: PairSynthConfig, *, progress: bool, force: bool)
             for k, split in enumerate(SPLITS):
                 # Independent seed streams: one split's draws never shift another's when counts change.
                 rng = np.random.default_rng([cfg.seed, _STREAMS[task.key], k])
-                next_item = task.schedule()
+                next_item = task.schedule(kinds)
                 records = []
                 for i in range(counts[split]):
                     records.append(task.example(split, i, next_item(rng), cfg, tmp, rng))

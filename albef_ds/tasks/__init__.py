@@ -12,6 +12,7 @@ from ..config import Config, ConfigError
 from ..train.task import Task, TaskContext
 from ..train.trainer import StepHooks, Trainer
 from .classify import NLVRTask, TextAssignmentTask, VETask
+from .grounding import GroundingTask
 from .pretrain import PretrainTask
 from .retrieval import RetrievalTask
 from .vqa import VQATask
@@ -25,11 +26,13 @@ TASKS: dict[str, type[Task]] = {
     "nlvr2-ta": TextAssignmentTask,
     "nlvr2": NLVRTask,
     "ve": VETask,
+    "grounding": GroundingTask,
 }
 FINETUNE_TASKS = tuple(n for n in TASKS if n != "pretrain")
 
 __all__ = [
     "FINETUNE_TASKS",
+    "GroundingTask",
     "NLVRTask",
     "TextAssignmentTask",
     "VETask",
@@ -38,6 +41,7 @@ __all__ = [
     "RetrievalTask",
     "VQATask",
     "evaluate_task",
+    "visualize_grounding",
     "make_task",
     "train_task",
 ]
@@ -63,6 +67,62 @@ def _tensorboard(log_dir: Path, tag: str, metrics: dict, step: int) -> None:
                 tb.add_scalar(f"{tag}/{k}", v, step)
 
 
+def _evaluation(cfg: Config, name: str, checkpoint: str, split_file: str):
+    """(task, context, model on its device, evaluation set, its path) of an evaluation of `checkpoint` with
+    task `name` on split_file (default: the task's default evaluation file), on the ranks a launcher
+    started (the process group initialised when there are several)."""
+    from ..train.dist_env import world_info_from_env
+    from ..train.runtime import build_tokenizer, resolve_device, seed_everything, special_tokens
+
+    cfg.validate()
+    task = make_task(name, cfg)
+    info = world_info_from_env()
+    device = resolve_device(cfg.train.device, info.local_rank)
+    path = split_file or task.default_eval_file()
+    if not path:
+        raise ConfigError(f"nothing to evaluate on: pass --split-file (or configure the {name} task's split)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"evaluation file {path} does not exist")
+    eval_set = task.open_split(path)
+    if info.world_size > 1:
+        from ..train.engine import init_distributed
+
+        init_distributed(info, device)
+    tokenizer = build_tokenizer(cfg)
+    seed_everything(cfg.train.seed)
+    ctx = TaskContext(
+        cfg=cfg,
+        info=info,
+        device=device,
+        out_dir=Path(cfg.train.output_dir),
+        tokenizer=tokenizer,
+        special_tokens=special_tokens(tokenizer),
+        extra={"label": f"checkpoint {checkpoint or cfg.model.albef_init or '(configured init)'}"},
+    )
+    model = task.build_model(ctx, init=checkpoint or None).to(device)
+    return task, ctx, model, eval_set, path
+
+
+def visualize_grounding(
+    cfg: Config, checkpoint: str = "", *, split_file: str = "", num: int = 16, out: str = ""
+) -> dict:
+    """Grad-CAM pictures of the first `num` expressions of a grounding split (default grounding.test_file,
+    else val_file) with `checkpoint` (default model.albef_init): one PNG per expression and a grid, into
+    `out` (default <train.output_dir>/grounding_pictures/visualize_<split stem>); one process. Returns
+    {"folder", "grid", "expressions", "accuracy"} (the accuracy of those expressions)."""
+    from ..eval.grounding_eval import grounding_metrics, write_pictures
+
+    if num < 1:
+        raise ValueError(f"visualize grounding needs --num >= 1, got {num}")
+    task, ctx, model, eval_set, path = _evaluation(cfg, "grounding", checkpoint, split_file)
+    es = eval_set.head(num)
+    boxes, maps = task.predict(model, es, ctx, keep_maps=len(es))
+    folder = Path(out) if out else ctx.out_dir / "grounding_pictures" / f"visualize_{Path(path).stem}"
+    grid = write_pictures(es, boxes, maps, folder)
+    acc = grounding_metrics(es, boxes, threshold=cfg.grounding.iou_threshold)["accuracy"]
+    return {"folder": str(folder), "grid": str(grid), "expressions": len(es), "accuracy": acc}
+
+
 def evaluate_task(
     cfg: Config,
     name: str,
@@ -86,36 +146,8 @@ def evaluate_task(
     rank-0-only evaluation)."""
     import torch
 
-    from ..train.dist_env import world_info_from_env
-    from ..train.runtime import build_tokenizer, resolve_device, seed_everything, special_tokens
-
-    cfg.validate()
-    task = make_task(name, cfg)
-    info = world_info_from_env()
-    device = resolve_device(cfg.train.device, info.local_rank)
-    path = split_file or task.default_eval_file()
-    if not path:
-        raise ConfigError(f"nothing to evaluate on: pass --split-file (or configure the {name} task's split)")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"evaluation file {path} does not exist")
-    eval_set = task.open_split(path)
-    if info.world_size > 1:
-        from ..train.engine import init_distributed
-
-        init_distributed(info, device)
-    tokenizer = build_tokenizer(cfg)
-    seed_everything(cfg.train.seed)
-    out_dir = Path(cfg.train.output_dir)
-    ctx = TaskContext(
-        cfg=cfg,
-        info=info,
-        device=device,
-        out_dir=out_dir,
-        tokenizer=tokenizer,
-        special_tokens=special_tokens(tokenizer),
-        extra={"label": f"checkpoint {checkpoint or cfg.model.albef_init or '(configured init)'}"},
-    )
-    model = task.build_model(ctx, init=checkpoint or None).to(device)
+    task, ctx, model, eval_set, path = _evaluation(cfg, name, checkpoint, split_file)
+    info, out_dir = ctx.info, ctx.out_dir
     extra: dict = {}
     if name == "retrieval":
         extra = {"k_test": k_test or cfg.eval.k_test, "return_scores": True}

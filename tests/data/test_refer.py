@@ -224,3 +224,24 @@ def test_convert_proposals(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"proposals file .*dets.json: image '1', box 0 must be a box"):
         convert_proposals(dets, tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+def test_convert_refer_command(tmp_path: Path, capsys) -> None:
+    """`albef-ds data convert-refer` writes refs.json and proposals.json; an exploit pickle exits 2 with the
+    file named and nothing run."""
+    from albef_ds.cli import main
+
+    refs, inst = _write(tmp_path, pickle.dumps(REFS, protocol=4))
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps({"1": [[1, 2, 3, 4]], "3": [[0, 0, 5, 5]]}))
+    out = tmp_path / "out"
+    assert main(["data", "convert-refer", str(refs), str(inst), "--dets", str(dets), "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {"refs": str(out / "refs.json"), "proposals": str(out / "proposals.json")}
+    assert load_refs(out / "refs.json").refs["10"].split == "val"
+    assert load_proposals(out / "proposals.json").boxes["3"] == [(0.0, 0.0, 5.0, 5.0)]
+    bad = tmp_path / "exploit.p"
+    bad.write_bytes(pickle.dumps([Exploit(str(tmp_path))], protocol=2))
+    assert main(["data", "convert-refer", str(bad), str(inst), "--out", str(tmp_path / "o2")]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert not (tmp_path / MARKER).exists() and not (tmp_path / "o2" / "refs.json").exists()

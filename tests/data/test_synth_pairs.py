@@ -324,6 +324,36 @@ def test_ready_rerun_seeds_and_split_streams(
     assert ready(other) and _load(other)["val"] != a["val"]
 
 
+def test_a_selection_of_statement_kinds(tmp_path: Path) -> None:
+    """synth.kinds: only the chosen kinds, each as often true as false (VE: entailment and contradiction
+    of those kinds, neutral as before); labels still agree with the objects; unknown kinds refused."""
+    cfg = PairSynthConfig(
+        out_dir=str(tmp_path / "n"),
+        num_train=8,
+        num_val=0,
+        num_test=0,
+        image_size=32,
+        kinds=["contains", "both"],
+    )
+    generate_synthetic_nlvr2(cfg, progress=False)
+    train = _load(cfg)["train"]
+    per = Counter((r["truth_type"], r["label"]) for r in train)
+    assert per == {(k, y): 2 for k in ("contains", "both") for y in ("True", "False")}
+    for r in train:
+        assert nlvr_truth(clean_caption(r["sentence"], 30), r["objects"]) == (r["label"] == "True"), r
+    ve = PairSynthConfig(out_dir=str(tmp_path / "v"), num_train=12, num_val=0, num_test=0, image_size=32)
+    ve.kinds = ["exists", "colour"]
+    generate_synthetic_ve(ve, progress=False)
+    kinds = Counter((r["label"], r["hypothesis_type"]) for r in _load(ve)["train"])
+    assert set(kinds) == {(y, k) for y in ("entailment", "contradiction") for k in ve.kinds} | {
+        ("neutral", "neutral")
+    }
+    for gen in (generate_synthetic_nlvr2, generate_synthetic_ve):
+        with pytest.raises(ValueError, match=r"synth.kinds \['nope'\] must be distinct kinds"):
+            gen(PairSynthConfig(out_dir=str(tmp_path / "x"), kinds=["nope"]), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_refuses_foreign_folder_and_bad_settings(tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")

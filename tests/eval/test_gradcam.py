@@ -128,8 +128,8 @@ def test_itm_gradcam_matches_the_hand_computation(layer):
     model.train()
     got = itm_gradcam(model, image, ids, mask, layer=layer)
     want = _manual_itm_map(
-        model, image, ids, mask, 4 if layer is None else layer
-    )  # default: fusion_layer + 2
+        model, image, ids, mask, 3 if layer is None else layer
+    )  # default: fusion_layer + (4 fusion layers) // 3
     assert got.shape == (3, 4, 4) and not got.requires_grad
     assert want.abs().max() > 0 and want.std() > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
@@ -195,15 +195,16 @@ def test_frozen_model_gives_the_same_map(fn):
 
 def test_default_layers_and_range_errors():
     assert default_fusion_layer(6, 12) == 8  # ALBEF-base: the third fusion layer
-    assert default_fusion_layer(2, 4) == 3  # two fusion layers: the last one
+    assert default_fusion_layer(2, 4) == 2  # two fusion layers: the first one (a third of the way in)
     assert default_fusion_layer(2, 3) == 2
+    assert default_fusion_layer(2, 8) == 4  # six fusion layers: the third, as ALBEF-base
     assert default_vit_block(12) == 8 and default_vit_block(9) == 8 and default_vit_block(2) == 1
     with pytest.raises(ValueError, match="no fusion layer"):
         default_fusion_layer(4, 4)
     model = _model(layers=4)
     image, ids, mask = _inputs()
     torch.testing.assert_close(
-        itm_gradcam(model, image, ids, mask), itm_gradcam(model, image, ids, mask, layer=3)
+        itm_gradcam(model, image, ids, mask), itm_gradcam(model, image, ids, mask, layer=2)
     )
     with pytest.raises(ValueError, match="fusion layers are 2..3"):
         itm_gradcam(model, image, ids, mask, layer=1)
