@@ -309,6 +309,71 @@ class GroundingConfig:
         return default_gradcam_fusion_layer(model.text.fusion_layer, model.text.layers)
 
 
+def _ge(bound: float):
+    return lambda v: v >= bound
+
+
+def _gt(bound: float):
+    return lambda v: v > bound
+
+
+def _lt(bound: float):
+    return lambda v: v < bound
+
+
+def _le(bound: float):
+    return lambda v: v <= bound
+
+
+# (dotted key, lower check, upper check, what the message says): the valid range of each numeric field whose
+# value is not already tied to another by a cross-field check; `Config.validate` runs these first, so a zero
+# divisor or a negative count never reaches the code that would divide by it or build with it.
+NUMERIC_RANGES: tuple[tuple[str, Any, Any, str], ...] = (
+    *(
+        (f"model.vision.{k}", _ge(1), None, ">= 1")
+        for k in ("image_size", "patch_size", "width", "depth", "heads")
+    ),
+    ("model.vision.mlp_ratio", _gt(0), None, "> 0"),
+    ("model.vision.drop_path", _ge(0), _lt(1), "in [0, 1)"),
+    *(
+        (f"model.text.{k}", _ge(1), None, ">= 1")
+        for k in (
+            "vocab_size",
+            "hidden",
+            "layers",
+            "heads",
+            "intermediate",
+            "max_position",
+            "type_vocab_size",
+        )
+    ),
+    ("model.text.dropout", _ge(0), _lt(1), "in [0, 1)"),
+    ("model.text.layer_norm_eps", _gt(0), None, "> 0"),
+    ("model.embed_dim", _ge(1), None, ">= 1"),
+    ("data.max_words", _ge(1), None, ">= 1"),
+    ("data.max_tokens", _ge(2), None, ">= 2 ([CLS] and one token)"),
+    ("data.num_workers", _ge(0), None, ">= 0"),
+    ("data.randaug_n", _ge(0), None, ">= 0"),
+    ("data.randaug_m", _ge(0), _le(10), "in 0..10"),
+    ("train.epochs", _ge(1), None, ">= 1 (train.max_steps caps the steps)"),
+    ("train.max_steps", lambda v: v == -1 or v >= 1, None, "-1 (the epochs decide) or >= 1"),
+    ("train.log_every", _ge(1), None, ">= 1"),
+    ("train.save_every", _ge(0), None, ">= 0 (0 = no resumable checkpoints)"),
+    ("train.keep_last", _ge(1), None, ">= 1"),
+    ("train.global_batch_size", _ge(0), None, ">= 0 (0 = derived)"),
+    ("train.stop_at_step", lambda v: v == -1 or v >= 1, None, "-1 (never) or >= 1"),
+    ("optim.lr", _gt(0), None, "> 0"),
+    ("optim.min_lr", _ge(0), None, ">= 0"),
+    ("optim.warmup_lr", _ge(0), None, ">= 0"),
+    ("optim.warmup_steps", _ge(0), None, ">= 0"),
+    ("optim.weight_decay", _ge(0), None, ">= 0"),
+    ("optim.eps", _gt(0), None, "> 0"),
+    ("optim.grad_clip", _ge(0), None, ">= 0 (0 = no clipping)"),
+    ("loss.alpha_ramp_steps", _ge(-1), None, ">= -1 (-1 = the first epoch)"),
+    *((f"loss.{k}_weight", _ge(0), None, ">= 0") for k in ("itc", "itm", "mlm")),
+)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -324,7 +389,9 @@ class Config:
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
 
     def validate(self) -> None:
-        """Cross-field checks; every message names the fields involved."""
+        """Range checks of every numeric field (`NUMERIC_RANGES`), then cross-field checks; every message
+        names the fields involved. Runs before anything is built."""
+        self._validate_ranges()
         m, t, d = self.model, self.model.text, self.data
         v = m.vision
         if v.image_size % v.patch_size:
@@ -410,6 +477,18 @@ class Config:
         if q.vg_weight < 0:
             raise ConfigError(f"vqa.vg_weight must be >= 0, got {q.vg_weight}")
         self._validate_grounding()
+
+    def _validate_ranges(self) -> None:
+        for key, lo, hi, what in NUMERIC_RANGES:
+            obj = self
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            value = obj
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            bad = value != value or (lo is not None and not lo(value)) or (hi is not None and not hi(value))
+            if bad:
+                raise ConfigError(f"{key} must be {what}, got {value}")
 
     def _validate_grounding(self) -> None:
         g, t, v = self.grounding, self.model.text, self.model.vision
@@ -542,7 +621,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason})") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
         if loaded is None:

@@ -72,6 +72,9 @@ def test_bad_file_names_file_and_key(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    p.write_bytes(b"train:\n  output_dir: runs/\xff\xfe\n")  # not UTF-8: named, not a UnicodeDecodeError
+    with pytest.raises(ConfigError, match=r"config file .*c\.yaml is not UTF-8 text \(byte 26"):
+        load_config(p)
 
 
 @pytest.mark.parametrize(
@@ -87,6 +90,42 @@ def test_bad_file_names_file_and_key(tmp_path):
 def test_cross_field_validation(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        # zero divisors and counts: refused before the cross-field checks would divide by them
+        ("model.vision.patch_size=0", r"model\.vision\.patch_size must be >= 1, got 0"),
+        ("model.vision.heads=0", r"model\.vision\.heads must be >= 1, got 0"),
+        ("model.text.heads=0", r"model\.text\.heads must be >= 1, got 0"),
+        ("train.log_every=0", r"train\.log_every must be >= 1, got 0"),
+        ("train.max_steps=0", r"train\.max_steps must be -1 \(the epochs decide\) or >= 1, got 0"),
+        ("train.epochs=0", r"train\.epochs must be >= 1"),
+        ("optim.lr=-1e-4", r"optim\.lr must be > 0, got -0\.0001"),
+        ("optim.lr=.nan", r"optim\.lr must be > 0, got nan"),
+        ("data.num_workers=-1", r"data\.num_workers must be >= 0, got -1"),
+        ("model.text.dropout=1.0", r"model\.text\.dropout must be in \[0, 1\)"),
+        ("data.randaug_m=11", r"data\.randaug_m must be in 0\.\.10"),
+        ("loss.alpha_ramp_steps=-2", r"loss\.alpha_ramp_steps must be >= -1"),
+        ("train.keep_last=0", r"train\.keep_last must be >= 1"),
+    ],
+)
+def test_numeric_ranges_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_every_range_names_a_real_numeric_field():
+    from albef_ds.config import NUMERIC_RANGES, Config
+
+    cfg = Config()
+    for key, *_ in NUMERIC_RANGES:
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)  # AttributeError on a misspelt key
+        assert isinstance(obj, (int, float)) and not isinstance(obj, bool), key
+    assert load_config(None).train.max_steps == -1  # the defaults pass
 
 
 def test_resolved_config_round_trips(tmp_path):
