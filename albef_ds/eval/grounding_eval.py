@@ -116,9 +116,12 @@ def proposal_baselines(eval_set, *, threshold: float = HIT_IOU) -> dict:
     """Accuracy (percent) of two model-free choices among each expression's proposals: a uniformly random
     proposal (expected value: the share of proposals that hit) and the largest one (first on ties)."""
     random_hit, largest_hit = [], []
-    for props, gt in zip(eval_set.proposals, eval_set.boxes):
+    for i, (props, gt) in enumerate(zip(eval_set.proposals, eval_set.boxes)):
         if not len(props):
-            raise ValueError("an expression has no proposals: no baseline can pick a box")
+            raise ValueError(
+                f"image {eval_set.image_ids[i]!r} ({eval_set.images[i]}) has no proposals: no baseline can "
+                "pick a box for its expressions"
+            )
         p = np.asarray(props, dtype=np.float64)[:, :4]
         ious = np.asarray(iou(p, np.asarray(gt, dtype=np.float64)))
         random_hit.append(float((ious >= threshold).mean()))

@@ -114,6 +114,10 @@ def test_metrics_per_split_and_baselines_by_hand(setup):
     assert base["largest_box_accuracy"] == pytest.approx(100.0 * sum(largest) / len(largest))
     with pytest.raises(ValueError, match="predicted boxes"):
         grounding_metrics(es, first[:-1])
+    bare = es.head(2)
+    bare.proposals = [bare.proposals[0], []]
+    with pytest.raises(ValueError, match=f"image {bare.image_ids[1]!r} .* has no proposals"):
+        proposal_baselines(bare)
 
 
 def test_head_view_and_pictures(setup, tmp_path: Path):
