@@ -108,8 +108,8 @@ class GroundingTask(RetrievalTask):
         )
 
     def evaluate(self, model, split: str, ctx: TaskContext, *, step: int = 0, eval_set=None, **kw) -> dict:
-        """Grounding accuracy of `split` (or `eval_set`), every rank Grad-CAMing its share; the same metrics on
-        every rank. Rank 0 draws the first grounding.num_pictures expressions (of its share) and adds the
+        """Grounding accuracy of `split` (or `eval_set`), every rank Grad-CAMing its share; the same metrics
+        on every rank. Rank 0 draws the first grounding.num_pictures expressions (of its share) and adds the
         grid's path as "pictures"."""
         g = ctx.cfg.grounding
         es = eval_set or self.eval_set(split)
