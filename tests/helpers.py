@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -177,3 +178,13 @@ def small_karpathy_set(tmp: Path) -> list[str]:
     assert main(["data", "synth", "--config", FT_CFG, *ov]) == 0
     assert main(["data", "synth-retrieval", "--config", FT_CFG, *ov]) == 0
     return ov
+
+
+@dataclass
+class Pretrained:
+    """A pre-training run the downstream tests start from."""
+
+    synth: Path  # the synthetic image-text set (its vocab.txt is the model's tokenizer)
+    run: Path  # the pre-training run folder (model.albef_init of the fine-tuning runs)
+    common: list[str]  # overrides every downstream run shares (data set, tokenizer, workers)
+    overrides: list[str]  # every override of the pre-training command (data files, output folder)

@@ -55,16 +55,12 @@ def _debug_overrides(tmp: Path, synth_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in ov.items()]
 
 
-@pytest.fixture(scope="module")
-def pretrained_run(tmp_path_factory):
-    """`albef-ds data synth` + `albef-ds pretrain --config configs/debug.yaml` (the README's main job)."""
-    tmp = tmp_path_factory.mktemp("e2e")
-    synth = tmp / "synth"
-    ov = _debug_overrides(tmp, synth)
-    cfg = str(ROOT / "configs/debug.yaml")
-    assert main(["data", "synth", "--config", cfg, *ov]) == 0
-    assert main(["pretrain", "--config", cfg, *ov]) == 0
-    return tmp, ov
+@pytest.fixture
+def pretrained_run(demo_pretrained):
+    """`albef-ds data synth` + `albef-ds pretrain --config configs/debug.yaml` (the README's main job; the
+    session's `demo_pretrained` run of tests/conftest.py, shared with the grounding tests): (the folder
+    holding `run/`, the overrides of the run)."""
+    return demo_pretrained.run.parent, demo_pretrained.overrides
 
 
 def _last_run_records(run: Path) -> list[dict]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, config_to_dict, save_config
-from .checkpoint import set_rng_state
+from .checkpoint import rng_state, set_rng_state
 from .checkpoint.manager import CheckpointManager, save_consolidated
 from .dist_env import world_info_from_env
 from .ds_config import build_ds_config, global_batch, scaled_lr
@@ -248,7 +248,11 @@ class Trainer:
             }
         )
         if cfg.train.eval_at_start and not self.tag and task.has_split("val"):
+            # The evaluation may draw random numbers (its loader, sampling in the task): the training that
+            # follows must be the one a run without it trains, so every RNG is put back afterwards.
+            before_eval = rng_state()
             m = task.evaluate(model, "val", ctx, step=0)
+            set_rng_state(before_eval)
             if m is not None:
                 monitor.eval("val_before", 0, m)
                 state["before"] = result["val_before"] = m
