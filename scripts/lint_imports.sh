@@ -8,6 +8,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 cp -r "$ROOT/albef_ds" "$tmp/albef_ds"
+# A development checkout may hold albef_ds/kernels and albef_ds/launcher as symlinks to the top-level folders.
+rm -rf "$tmp/albef_ds/kernels" "$tmp/albef_ds/launcher"
 cp -r "$ROOT/kernels" "$tmp/albef_ds/kernels"
 cp -r "$ROOT/launcher" "$tmp/albef_ds/launcher"
 cp "$ROOT/pyproject.toml" "$tmp/"

@@ -6,6 +6,7 @@ without an import of their own)."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,7 @@ def test_import_contracts_hold():
         ["bash", str(ROOT / "scripts/lint_imports.sh")], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "Contracts: 3 kept, 0 broken." in out.stdout
+    assert "Contracts: 4 kept, 0 broken." in out.stdout
 
 
 def _distributed_uses(tree: ast.AST) -> list[int]:
@@ -64,3 +65,28 @@ def test_the_check_sees_each_form():
         ]
     )
     assert sorted(_distributed_uses(ast.parse(src))) == [1, 2, 3, 4]
+
+
+def test_megatron_te_and_apex_are_refused_anywhere_in_the_package(tmp_path):
+    """README, "megatron-core and NVIDIA apex": measured and not used, so an import of either (or of
+    Transformer Engine) in any module breaks a contract, whether or not the package is installed."""
+    for name in ("kernels", "launcher", "scripts"):
+        shutil.copytree(ROOT / name, tmp_path / name)
+    shutil.copytree(
+        ROOT / "albef_ds", tmp_path / "albef_ds", ignore=shutil.ignore_patterns("kernels", "launcher")
+    )
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    with open(tmp_path / "albef_ds/model/ops.py", "a") as f:
+        f.write("\n\ndef _probe():\n    import megatron.core\n\n    return megatron.core\n")
+    with open(tmp_path / "albef_ds/train/engine.py", "a") as f:
+        f.write("\n\ndef _probe():\n    import apex.optimizers\n    import transformer_engine.pytorch\n")
+    out = subprocess.run(
+        ["bash", str(tmp_path / "scripts/lint_imports.sh")], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode != 0
+    for line in (
+        "albef_ds.model.ops -> megatron",
+        "albef_ds.train.engine -> apex",
+        "albef_ds.train.engine -> transformer_engine",
+    ):
+        assert line in out.stdout, out.stdout[-3000:]

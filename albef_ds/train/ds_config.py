@@ -93,6 +93,13 @@ def build_ds_config(cfg: Config, *, world_size: int, path: str | Path | None = N
     """The DeepSpeed config dict for `deepspeed.initialize`, every "auto" resolved."""
     src = str(path if path is not None else cfg.train.ds_config)
     ds = copy.deepcopy(load_ds_json(src))
+    if "amp" in ds:
+        # DeepSpeed 0.19 refuses it too, but only inside deepspeed.initialize, after the model is built, and
+        # without naming the file.
+        raise ConfigError(
+            f"{src}: 'amp' (NVIDIA apex AMP) was removed from DeepSpeed, and apex.amp from apex; delete the "
+            "section and use the 'bf16' or 'fp16' section (enabled: \"auto\") with train.precision=bf16|fp16"
+        )
     t = cfg.train
     total = global_batch(cfg, world_size)
     _fill(ds, "train_micro_batch_size_per_gpu", t.batch_size, "train.batch_size", src)

@@ -118,3 +118,29 @@ def test_pretrain_fails_on_a_contradiction_before_building_anything(tmp_path, ca
     assert rc == 2
     assert "train.global_batch_size (100) != train.batch_size (32)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # failed before the run folder, tokenizer or model
+
+
+@pytest.mark.parametrize("amp", [{"enabled": True, "opt_level": "O1"}, {"enabled": False}])
+def test_removed_apex_amp_section_is_refused_with_the_file_and_the_replacement(tmp_path, capsys, amp):
+    """DeepSpeed 0.19 removed its NVIDIA-apex `amp` section (apex itself dropped apex.amp): a leftover one is
+    refused before anything is built, naming the file and the key and pointing at bf16 / fp16."""
+    src = json.loads((ROOT / "ds_configs/zero2_cpu.json").read_text())
+    src["amp"] = amp
+    p = tmp_path / "old_amp.json"
+    p.write_text(json.dumps(src))
+    want = r"old_amp\.json: 'amp' .*removed.*'bf16'.*'fp16'.*train\.precision"
+    with pytest.raises(ConfigError, match=want):
+        build_ds_config(_cfg(), world_size=1, path=p)
+    rc = main(
+        [
+            "pretrain",
+            "--config",
+            str(ROOT / "configs/debug.yaml"),
+            "train.engine=deepspeed",
+            f"train.ds_config={p}",
+            f"train.output_dir={tmp_path / 'run'}",
+        ]
+    )
+    assert rc == 2
+    assert f"{p}: 'amp'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
