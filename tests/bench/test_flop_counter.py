@@ -101,3 +101,15 @@ def rest_full_minus(tokens: int) -> int:
         return 3 * (t * 96 * 288 + 2 * t * t * 96 + t * 96 * 96 + 2 * t * 96 * 384)
 
     return blocks(65) - blocks(tokens)
+
+
+def test_benchmark_counts_patch_dropout_for_ours_only():
+    """`bench throughput` with model.vision.patch_dropout: "ours" drops patches and its model FLOPs (the MFU
+    numerator) shrink accordingly; the reference recipe runs, and counts, every patch."""
+    from albef_ds.bench.throughput import _recipe_config
+
+    cfg = load_config(str(ROOT / "configs/debug.yaml"), ["model.vision.patch_dropout=0.5"])
+    ours, ref = _recipe_config(cfg, "ours"), _recipe_config(cfg, "reference")
+    assert ours.model.vision.patch_dropout == 0.5 and ref.model.vision.patch_dropout == 0.0
+    full = step_flops(ref.model, 8, 25).total
+    assert step_flops(ours.model, 8, 25).total < 0.8 * full
