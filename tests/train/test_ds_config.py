@@ -118,3 +118,20 @@ def test_pretrain_fails_on_a_contradiction_before_building_anything(tmp_path, ca
     assert rc == 2
     assert "train.global_batch_size (100) != train.batch_size (32)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # failed before the run folder, tokenizer or model
+
+
+def test_throughput_timer_off_unless_the_json_asks(tmp_path):
+    """DeepSpeed's throughput timer synchronizes the device at every forward and step: off by default."""
+    cfg = _cfg()
+    ds = build_ds_config(cfg, world_size=1, path=ROOT / "ds_configs/zero2_bf16.json")
+    assert ds["timers"] == {"throughput": {"enabled": False}}
+    src = json.loads((ROOT / "ds_configs/zero2_bf16.json").read_text())
+    p = tmp_path / "timed.json"
+    p.write_text(json.dumps({**src, "timers": {"throughput": {"enabled": True, "synchronized": False}}}))
+    assert build_ds_config(cfg, world_size=1, path=p)["timers"]["throughput"] == {
+        "enabled": True,
+        "synchronized": False,
+    }
+    p.write_text(json.dumps({**src, "timers": {"throughput": True}}))
+    with pytest.raises(ConfigError, match=r"timed\.json: 'timers' and 'timers\.throughput' must be objects"):
+        build_ds_config(cfg, world_size=1, path=p)
