@@ -32,6 +32,11 @@ class VisionConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     drop_path: float = 0.0  # ALBEF pre-trains without drop-path
+    # FLIP-style patch dropout in pre-training: each image's online ViT sees a random (1 - p) share of its
+    # patch tokens (plus [CLS]); the same kept tokens feed ITC, ITM and MLM. Training mode only (evaluation
+    # sees every patch); 0 = off, ALBEF's recipe. In [0, 1).
+    patch_dropout: float = 0.0
+    patch_dropout_momentum: bool = False  # the momentum ViT sees the same kept patches (default: all of them)
 
 
 @dataclass
@@ -335,6 +340,7 @@ NUMERIC_RANGES: tuple[tuple[str, Any, Any, str], ...] = (
     ),
     ("model.vision.mlp_ratio", _gt(0), None, "> 0"),
     ("model.vision.drop_path", _ge(0), _lt(1), "in [0, 1)"),
+    ("model.vision.patch_dropout", _ge(0), _lt(1), "in [0, 1)"),
     *(
         (f"model.text.{k}", _ge(1), None, ">= 1")
         for k in (

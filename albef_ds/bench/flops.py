@@ -16,6 +16,11 @@ What one step computes for a batch of B pairs with L text tokens and a queue of 
               the momentum ITC similarities.
 The reference recipe runs the MLM vocabulary head on every one of the B x L positions (online and momentum);
 `mlm_head_positions="all"` counts that.
+
+Patch dropout (`model.vision.patch_dropout` p > 0) shortens the online image sequence from 1 + N to 1 + K
+tokens (K = `kept_patches(N, p)`): the online ViT blocks, the ITM fusion's and the online MLM's
+cross-attention run on 1 + K image tokens; the patch embedding still runs on all N patches. The momentum ViT
+and BERT_m see all N patches unless `model.vision.patch_dropout_momentum`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 from ..config import ModelConfig
 from ..model.losses import mlm_capacity
+from ..model.vit import kept_patches
 
 
 @dataclass
@@ -45,11 +51,21 @@ class Flops:
         return {**asdict(self), "total": self.total}
 
 
-def _vit_forward(cfg: ModelConfig) -> tuple[float, float]:
-    """(patch-embedding MACs, transformer + projection MACs) for one image."""
+def image_tokens(cfg: ModelConfig, *, momentum: bool = False) -> int:
+    """Tokens ([CLS] + patches) of one image in the online (or momentum) ViT of a pre-training step, after
+    patch dropout."""
     v = cfg.vision
     n = (v.image_size // v.patch_size) ** 2
-    t = n + 1
+    if v.patch_dropout > 0 and (not momentum or v.patch_dropout_momentum):
+        return 1 + kept_patches(n, v.patch_dropout)
+    return 1 + n
+
+
+def _vit_forward(cfg: ModelConfig, tokens: int) -> tuple[float, float]:
+    """(patch-embedding MACs over every patch, transformer + projection MACs over `tokens`) for one image."""
+    v = cfg.vision
+    n = (v.image_size // v.patch_size) ** 2
+    t = tokens
     w = v.width
     hidden = int(w * v.mlp_ratio)
     patch = n * 3 * v.patch_size * v.patch_size * w
@@ -72,20 +88,26 @@ def step_flops(cfg: ModelConfig, batch: int, text_len: int, *, mlm_head_position
     """FLOPs of one training step of `batch` pairs whose text is `text_len` tokens long.
 
     mlm_head_positions: "masked" (ours: the head on mlm_capacity(batch x text_len) rows) or "all" (the
-    reference: every position).
+    reference: every position). Patch dropout is read from cfg.vision (see the module docstring).
     """
     if mlm_head_positions not in ("masked", "all"):
         raise ValueError(f"mlm_head_positions must be 'masked' or 'all', got {mlm_head_positions!r}")
     t = cfg.text
     b, length = batch, text_len
-    image_tokens = (cfg.vision.image_size // cfg.vision.patch_size) ** 2 + 1
+    tok, tok_m = image_tokens(cfg), image_tokens(cfg, momentum=True)
     h, inter, d = t.hidden, t.intermediate, cfg.embed_dim
     n_text, n_fusion = t.fusion_layer, t.layers - t.fusion_layer
 
-    patch, vit_rest = _vit_forward(cfg)
+    patch, vit_rest = _vit_forward(cfg, tok)
+    _, vit_rest_m = _vit_forward(cfg, tok_m)
     text_enc = n_text * _text_layer(h, inter, length) + h * d  # + the [CLS] projection
-    fusion = n_fusion * (_text_layer(h, inter, length) + _cross(h, cfg.vision.width, length, image_tokens))
+
+    def fusion_layers(image_tokens: int) -> float:
+        return n_fusion * (_text_layer(h, inter, length) + _cross(h, cfg.vision.width, length, image_tokens))
+
+    fusion, fusion_m = fusion_layers(tok), fusion_layers(tok_m)
     bert_full = n_text * _text_layer(h, inter, length) + fusion
+    bert_full_m = n_text * _text_layer(h, inter, length) + fusion_m
     rows = mlm_capacity(b * length, cfg.mlm_probability) if mlm_head_positions == "masked" else b * length
     head = rows * (h * h + h * t.vocab_size)  # MACs for the whole batch
     q = cfg.queue_size
@@ -98,5 +120,5 @@ def step_flops(cfg: ModelConfig, batch: int, text_len: int, *, mlm_head_position
     f.mlm = mac * (b * bert_full + head) * 3
     itc_online = 2 * b * (b + q) * d  # two directions
     f.itc = mac * (itc_online * 2 + itc_online + 2 * b * b * d)  # online fwd+bwd(feat), targets, negatives
-    f.momentum = mac * (b * (patch + vit_rest) + b * text_enc + b * bert_full + head)
+    f.momentum = mac * (b * (patch + vit_rest_m) + b * text_enc + b * bert_full_m + head)
     return f

@@ -32,6 +32,7 @@ from .losses import (
 from .momentum import params_to_buffers
 from .ops import PretrainOps, Sections, no_sections
 from .queue import AllGather, identity_gather
+from .vit import draw_patch_keep
 
 __all__ = [
     "MOMENTUM_PAIRS",
@@ -106,12 +107,17 @@ class ALBEFPretrain(ContrastiveALBEF):
         temp = self.clamped_temp()
         ops = self.ops
 
+        keep = self.patch_keep(image)
+        keep_m = keep if self.cfg.vision.patch_dropout_momentum else None
+
         with self._section("online_forward"):
-            image_embeds, image_feat = self.encode_image(image)
+            # One online image pass: its tokens (the kept patches under patch dropout) feed ITC ([CLS]),
+            # ITM and MLM alike.
+            image_embeds, image_feat = self.encode_image(image, keep=keep)
             text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
 
         with torch.no_grad(), self._momentum_precision(image), self._section("momentum_forward"):
-            image_embeds_m, image_feat_m = self.encode_image(image, momentum=True)
+            image_embeds_m, image_feat_m = self.encode_image(image, momentum=True, keep=keep_m)
             _, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)
             image_bank = torch.cat([image_feat_m.to(self.image_queue.dtype), self.image_queue], dim=0)
             text_bank = torch.cat([text_feat_m.to(self.text_queue.dtype), self.text_queue], dim=0)
@@ -136,6 +142,16 @@ class ALBEFPretrain(ContrastiveALBEF):
         w_itc, w_itm, w_mlm = self.loss_weights
         loss = w_itc * loss_itc + w_itm * loss_itm + w_mlm * loss_mlm
         return PretrainOutput(loss, loss_itc, loss_itm, loss_mlm, image_feat_m, text_feat_m)
+
+    def patch_keep(self, image: torch.Tensor) -> torch.Tensor | None:
+        """The patches the online ViT keeps in this forward (B, K), or None for all of them: patch dropout
+        (`model.vision.patch_dropout`) applies in training mode only, so evaluation always sees every patch,
+        and at 0 nothing is drawn (the random streams, hence the whole step, are as without the option)."""
+        v = self.cfg.vision
+        if not self.training or v.patch_dropout <= 0.0:
+            return None
+        n = (image.shape[-1] // v.patch_size) * (image.shape[-2] // v.patch_size)
+        return draw_patch_keep(image.shape[0], n, v.patch_dropout, image.device)
 
     def _mlm(self, input_ids, attention_mask, image, image_embeds, image_embeds_m, alpha):
         """MLM with momentum distillation; the vocabulary head runs on the masked positions only

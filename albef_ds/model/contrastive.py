@@ -71,12 +71,13 @@ class ContrastiveALBEF(MomentumModel, nn.Module):
         return encoders.clamped_temp(self.temp, self.cfg.temp_min, self.cfg.temp_max)
 
     def encode_image(
-        self, image: torch.Tensor, *, momentum: bool = False
+        self, image: torch.Tensor, *, momentum: bool = False, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) -> (tokens (B, 1+N, W), unit feature (B, D))."""
+        """(B, 3, S, S) -> (tokens (B, 1+N, W), unit feature (B, D)); `keep` (B, K): only these patches
+        (patch dropout), tokens (B, 1+K, W)."""
         if momentum:
-            return encoders.encode_image(self.visual_encoder_m, self.vision_proj_m, image)
-        return encoders.encode_image(self.visual_encoder, self.vision_proj, image)
+            return encoders.encode_image(self.visual_encoder_m, self.vision_proj_m, image, keep)
+        return encoders.encode_image(self.visual_encoder, self.vision_proj, image, keep)
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, momentum: bool = False

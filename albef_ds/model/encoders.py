@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .bert import BertMLM
-from .vit import build_vit
+from .vit import build_vit, forward_tokens
 
 # The online modules that have momentum twins in ALBEF's contrastive tasks, in the reference's order
 # (the order of `momentum_pairs()`); the ITM head and the temperature have none.
@@ -54,10 +54,11 @@ def build_encoders(cfg: ModelConfig, *, mlm_head: bool = True) -> dict[str, nn.M
 
 
 def encode_image(
-    encoder: nn.Module, proj: nn.Module, image: torch.Tensor
+    encoder: nn.Module, proj: nn.Module, image: torch.Tensor, keep: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 3, S, S) -> (tokens (B, 1+N, W), unit feature (B, D) of the [CLS] token)."""
-    embeds = encoder.forward_features(image)
+    """(B, 3, S, S) -> (tokens (B, 1+N, W), unit feature (B, D) of the [CLS] token); with `keep` (B, K)
+    patch indices (patch dropout, `vit.draw_patch_keep`) the tokens are (B, 1+K, W)."""
+    embeds = forward_tokens(encoder, image, keep)
     return embeds, F.normalize(proj(embeds[:, 0]), dim=-1)
 
 

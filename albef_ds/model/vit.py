@@ -1,7 +1,9 @@
-"""ViT-B/16 image encoder (timm) with position-embedding resampling to any resolution."""
+"""ViT-B/16 image encoder (timm) with position-embedding resampling to any resolution, and the forward with
+FLIP-style patch dropout (a random subset of the patch tokens enters the transformer blocks)."""
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -52,3 +54,42 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens
     grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, c).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
+
+
+def kept_patches(num_patches: int, drop: float) -> int:
+    """How many of `num_patches` patch tokens a patch dropout of share `drop` (0 <= drop < 1) keeps:
+    floor(num_patches x (1 - drop)), at least one. The epsilon keeps 10 x (1 - 0.3) at 7, not 6."""
+    if not 0.0 <= drop < 1.0:
+        raise ValueError(f"patch dropout must lie in [0, 1), got {drop}")
+    return max(1, math.floor(num_patches * (1.0 - drop) + 1e-6))
+
+
+def draw_patch_keep(
+    batch: int, num_patches: int, drop: float, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Indices (B, K) of the patches each image keeps: an independent uniform K-subset per image
+    (K = kept_patches), in raster order. Drawn on the device (no host sync)."""
+    k = kept_patches(num_patches, drop)
+    scores = torch.rand(batch, num_patches, device=device, generator=generator)
+    return scores.argsort(dim=1)[:, :k].sort(dim=1).values
+
+
+def forward_tokens(
+    vit: VisionTransformer, image: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, 3, S, S) -> tokens (B, prefix + N, W), or with `keep` (B, K) patch indices (B, prefix + K, W):
+    the [CLS] token and the kept patches, with their position embeddings, through the blocks.
+
+    keep=None is timm's `forward_features` itself. With `keep`, the patch embedding still runs on every
+    patch (cheap; FLIP drops after it too); everything after it runs on 1 + K tokens.
+    """
+    if keep is None:
+        return vit.forward_features(image)
+    if vit.grad_checkpointing:
+        raise NotImplementedError("patch dropout with timm's gradient checkpointing is not implemented")
+    x = vit._pos_embed(vit.patch_embed(image))  # (B, prefix + N, W), position embeddings added
+    prefix = vit.num_prefix_tokens
+    idx = keep.to(torch.long).unsqueeze(-1).expand(-1, -1, x.shape[-1]) + prefix
+    x = torch.cat([x[:, :prefix], x.gather(1, idx)], dim=1)
+    x = vit.norm_pre(vit.patch_drop(x))
+    return vit.norm(vit.blocks(x))

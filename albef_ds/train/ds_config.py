@@ -107,6 +107,14 @@ def build_ds_config(cfg: Config, *, world_size: int, path: str | Path | None = N
     _fill(ds, "train_batch_size", total, "train.batch_size x train.grad_accum x world size", src)
     # DeepSpeed >= 0.19 clips at 1.0 unless told otherwise; the reference does not clip, so always set it.
     _fill(ds, "gradient_clipping", float(cfg.optim.grad_clip), "optim.grad_clip", src)
+    # DeepSpeed's throughput timer (on by default) calls torch.cuda.synchronize() at every forward and every
+    # step() from the third step on (deepspeed/utils/timer.py:238 and :256 in 0.19.8): a full device sync
+    # per micro-batch, for a samples/s line it prints every steps_per_print steps. The monitor measures
+    # throughput itself, so it is off unless the JSON asks for it.
+    timers = ds.setdefault("timers", {})
+    if not isinstance(timers, dict) or not isinstance(timers.setdefault("throughput", {}), dict):
+        raise ConfigError(f"{src}: 'timers' and 'timers.throughput' must be objects")
+    timers["throughput"].setdefault("enabled", False)
     precision = resolve_precision(cfg, ds, src)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}

@@ -319,7 +319,9 @@ class DeepSpeedEngine:
         """
         import torch.distributed as dist
 
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        # A fill, not torch.tensor([flag], device=...): that one is a pageable host-to-device copy, which
+        # waits for the GPU stream to drain (a full sync per step).
+        t = torch.full((1,), 1.0 if flag else 0.0, device=self.device)
         work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
         if self.device.type == "cuda":
             work.wait()  # orders the current stream after the collective; does not block the host

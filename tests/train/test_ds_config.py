@@ -144,3 +144,20 @@ def test_removed_apex_amp_section_is_refused_with_the_file_and_the_replacement(t
     assert rc == 2
     assert f"{p}: 'amp'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_throughput_timer_off_unless_the_json_asks(tmp_path):
+    """DeepSpeed's throughput timer synchronizes the device at every forward and step: off by default."""
+    cfg = _cfg()
+    ds = build_ds_config(cfg, world_size=1, path=ROOT / "ds_configs/zero2_bf16.json")
+    assert ds["timers"] == {"throughput": {"enabled": False}}
+    src = json.loads((ROOT / "ds_configs/zero2_bf16.json").read_text())
+    p = tmp_path / "timed.json"
+    p.write_text(json.dumps({**src, "timers": {"throughput": {"enabled": True, "synchronized": False}}}))
+    assert build_ds_config(cfg, world_size=1, path=p)["timers"]["throughput"] == {
+        "enabled": True,
+        "synchronized": False,
+    }
+    p.write_text(json.dumps({**src, "timers": {"throughput": True}}))
+    with pytest.raises(ConfigError, match=r"timed\.json: 'timers' and 'timers\.throughput' must be objects"):
+        build_ds_config(cfg, world_size=1, path=p)
