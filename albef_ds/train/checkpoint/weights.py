@@ -30,6 +30,7 @@ from torch import nn
 
 from ...model.weights import LAYOUTS, OUR_FORMAT, LoadReport, detect_layout, load_state, state_tensors
 from .files import read_client, read_latest
+from .integrity import ds_safe_globals
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,6 @@ _EXPECTED = (
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _ds_safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
 def torch_load(path: Path, safe_globals: list | None = None):
     """torch.load(weights_only=True) on the CPU; an unreadable file is a ValueError naming it."""
     try:
@@ -117,7 +110,7 @@ def _consolidate(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     ranks = [r for r, _ in optim]
     if ranks != list(range(len(ranks))):
         raise ValueError(f"{folder}: optimizer partitions of ranks {ranks}; expected 0..{len(ranks) - 1}")
-    globs = _ds_safe_globals()
+    globs = ds_safe_globals()
     partitions = []
     for _, path in optim:
         osd = torch_load(path, globs).get("optimizer_state_dict", {})
