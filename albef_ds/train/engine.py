@@ -455,6 +455,8 @@ def init_distributed(info: DistInfo, device: torch.device) -> None:
     cpu = device.type != "cuda"
     if cpu:
         segment.unlink(missing_ok=True)
+    else:  # before any collective: NCCL places object collectives (the resume decision) on this device
+        torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", auto_mpi_discovery=False)
     if cpu:
         torch.distributed.barrier()

@@ -87,16 +87,15 @@ def _unloadable(name, e: Exception) -> str:
     return f"{name} is not a loadable checkpoint file (weights_only=True): {type(e).__name__}: {msg}"
 
 
-_TORCH_LOAD = torch.load  # the real one, also while weights_only_loads() has replaced torch.load
+# The real loader, also while weights_only_loads() has replaced torch.load (torch.load is this function).
+_TORCH_LOAD = torch.serialization.load
 
 
 @contextlib.contextmanager
 def weights_only_loads() -> Iterator[None]:
     """Within: `torch.load` is weights_only=True (DeepSpeed's classes allowed) whatever its caller asked,
-    and a file it cannot load is a CheckpointError naming the file. Restored on exit."""
-    if torch.load is not _TORCH_LOAD:  # already inside one
-        yield
-        return
+    and a file it cannot load is a CheckpointError naming the file. Whatever torch.load was is restored on
+    exit."""
     globs = _safe_globals()
 
     def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
@@ -107,11 +106,12 @@ def weights_only_loads() -> Iterator[None]:
         except Exception as e:  # noqa: BLE001 - re-raised with the path
             raise CheckpointError(_unloadable(_name(f), e)) from e
 
+    previous = torch.load
     torch.load = load
     try:
         yield
     finally:
-        torch.load = _TORCH_LOAD
+        torch.load = previous
 
 
 # ------------------------------------------------------------------------------------------ checksums

@@ -168,3 +168,15 @@ def test_a_file_that_verifies_but_does_not_load_is_named(root):
     forge_manifest(root / NEW)
     with pytest.raises(ValueError, match=f"{root / NEW / 'state.pt'}.*KeyError"):
         _mgr(root).load(_engine(), NEW)
+
+
+def test_load_weights_and_export_check_the_manifest_too(root, tmp_path):
+    from albef_ds.train.checkpoint import export_weights, load_weights
+
+    flip_tensor_bytes(root / NEW / "state.pt")
+    model = ALBEFPretrain(tiny_model_config(), special_tokens=SPECIAL)
+    with pytest.raises(ValueError, match=f"{root / NEW / 'state.pt'}: sha256"):
+        load_weights(model, root / NEW)
+    with pytest.raises(ValueError, match="sha256"):
+        export_weights(root / NEW, tmp_path / "w.safetensors")
+    load_weights(model, root / OLD)
