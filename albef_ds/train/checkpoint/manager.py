@@ -96,7 +96,7 @@ class CheckpointManager:
             self._clear_newer(tag)
             return tag
         latest = self.root / "latest"
-        problem = None
+        problem = refused = None
         if latest.is_file():
             tag, problem = self._latest_problem(latest)
             if problem is None:
@@ -105,11 +105,12 @@ class CheckpointManager:
                     self._clear_newer(tag)
                     return tag
                 except CheckpointError as e:
-                    problem = f"it names {tag}, which is damaged: {e}"
-            log.error("checkpoints/latest %s: %s", latest, problem)
-        tags = self._step_tags()
+                    problem, refused = f"names {tag}, which is damaged: {e}", tag
+            log.error("%s %s", latest, problem)
         rejected: list[str] = []
-        for tag in reversed(tags):
+        for tag in reversed(self._step_tags()):
+            if tag == refused:  # verified and refused just above
+                continue
             if not (self.root / tag / MANIFEST_FILE).is_file():
                 rejected.append(f"{tag}: incomplete (no {MANIFEST_FILE})")
                 continue
@@ -164,14 +165,16 @@ class CheckpointManager:
             )
 
     def _clear_newer(self, tag: str | None) -> None:
-        """Folders newer than the checkpoint resumed are from a timeline this run abandons: an interrupted
-        save (no manifest) is deleted, anything else moved to checkpoints/rejected/ (kept for inspection),
-        so that this run neither prunes its good checkpoints for them nor writes into them."""
+        """Folders newer than the checkpoint resumed are from a timeline this run abandons: moved to
+        checkpoints/rejected/ (kept for inspection), so that this run neither prunes its good checkpoints for
+        them nor writes into them. One without a manifest newer than a checkpoint with one is an interrupted
+        save, and deleted."""
+        debris = tag is not None and (self.root / tag / MANIFEST_FILE).is_file()
         for old in self._step_tags():
             if tag is not None and old <= tag:
                 continue
             folder = self.root / old
-            if not (folder / MANIFEST_FILE).is_file():
+            if debris and not (folder / MANIFEST_FILE).is_file():
                 log.warning("removing %s: an interrupted save (no %s)", folder, MANIFEST_FILE)
                 shutil.rmtree(folder, ignore_errors=True)
                 continue

@@ -158,7 +158,7 @@ def test_an_interrupted_save_is_cleared_and_a_first_one_means_a_fresh_start(root
     shutil.copytree(root / OLD, first / OLD)
     (first / OLD / "manifest.json").unlink()
     assert _mgr(first).resolve("auto") is None
-    assert not (first / OLD).exists()
+    assert not (first / OLD).exists() and (first / "rejected" / OLD).is_dir()
 
 
 def test_a_file_that_verifies_but_does_not_load_is_named(root):
