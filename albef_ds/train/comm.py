@@ -49,3 +49,21 @@ def make_queue_gather(max_rows: int) -> Callable[[torch.Tensor], tuple[torch.Ten
         return rows[:, :d], rows[:, d] > 0
 
     return gather
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` (any picklable value of ours) on every rank."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` in rank order."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

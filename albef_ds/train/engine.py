@@ -20,6 +20,14 @@ from torch import nn
 from ..config import Config, ConfigError
 from ..model.weights import OUR_FORMAT
 from .checkpoint import atomic_torch_save
+from .checkpoint.integrity import (
+    CheckpointError,
+    safe_load,
+    scan_files,
+    verify_manifest,
+    weights_only_loads,
+    write_manifest,
+)
 from .dist_env import DistInfo
 from .ds_config import build_ds_config
 from .schedule import param_groups
@@ -99,10 +107,14 @@ class TorchEngine:
             raise FileNotFoundError(
                 f"checkpoint {path} does not exist (a DeepSpeed checkpoint needs train.engine=deepspeed)"
             )
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        self.module.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        return payload["client"]
+        payload = safe_load(path)
+        try:
+            self.module.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            return payload["client"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            why = f"{type(e).__name__}: {e}"
+            raise CheckpointError(f"{path} does not fit this model and optimizer: {why}") from e
 
     def barrier(self) -> None:
         pass
@@ -257,16 +269,18 @@ class DeepSpeedEngine:
             return self._load_universal(root, tag)
         from deepspeed.runtime.zero.utils import ZeRORuntimeException
 
-        try:
-            path, client = self.engine.load_checkpoint(str(root), tag=tag)
-        except ZeRORuntimeException as e:
-            # Another rank count without the universal path (a checkpoint without albef_ds.json, so the
-            # trainer could not know in advance): the module state (weights, momentum encoders, queues)
-            # still loads; the AdamW moments restart.
-            log.warning("%s -- loading the module state only: AdamW moments restart from zero", e)
-            path, client = self.engine.load_checkpoint(
-                str(root), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False
-            )
+        # DeepSpeed reads every file with torch.load(weights_only=False): forced to weights_only=True here.
+        with weights_only_loads():
+            try:
+                path, client = self.engine.load_checkpoint(str(root), tag=tag)
+            except ZeRORuntimeException as e:
+                # Another rank count without the universal path (a checkpoint without albef_ds.json, so the
+                # trainer could not know in advance): the module state (weights, momentum encoders, queues)
+                # still loads; the AdamW moments restart.
+                log.warning("%s -- loading the module state only: AdamW moments restart from zero", e)
+                path, client = self.engine.load_checkpoint(
+                    str(root), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False
+                )
         return self._client(root / tag, path, client)
 
     @staticmethod
@@ -284,12 +298,20 @@ class DeepSpeedEngine:
         import torch.distributed as dist
 
         uroot = root / "universal"
-        if self.rank == 0 and not (uroot / tag / "zero").is_dir():
-            convert_to_universal(root / tag, uroot / tag)
-        dist.barrier()
-        path, client = self.engine.load_checkpoint(str(uroot), tag=tag)
+        error = None
+        if self.rank == 0:
+            try:
+                _universal_folder(root / tag, uroot / tag)
+            except Exception as e:  # noqa: BLE001 - every rank raises it below, none waits for rank 0
+                error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0] is not None:
+            raise CheckpointError(f"converting {root / tag} to a universal checkpoint failed: {shared[0]}")
+        with weights_only_loads():
+            path, client = self.engine.load_checkpoint(str(uroot), tag=tag)
         client = self._client(uroot / tag, path, client)
-        states = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        states = safe_load(root / tag / "mp_rank_00_model_states.pt")
         module_state = states["module"]
         with torch.no_grad():
             for name, buf in self.module.named_buffers():
@@ -350,9 +372,32 @@ class DeepSpeedEngine:
             self._read_vote(*self._votes.popleft())
 
 
+def _universal_folder(src: Path, dst: Path) -> None:
+    """Make sure `dst` holds a verified universal conversion of `src`: one converted earlier is reused if
+    its manifest and files check out, else (missing, from before manifests, damaged) converted again."""
+    if dst.is_dir():
+        try:
+            if verify_universal(dst):
+                return
+            log.warning("universal checkpoint %s has no manifest: converting %s again", dst, src)
+        except CheckpointError as e:
+            log.error("universal checkpoint %s is damaged (%s): converting %s again", dst, e, src)
+    convert_to_universal(src, dst)
+
+
+def verify_universal(folder: Path) -> bool:
+    """A universal conversion's manifest checks out and each of its files unpickles safely."""
+    if not verify_manifest(folder):
+        return False
+    scan_files(folder)
+    return True
+
+
 def convert_to_universal(src: Path, dst: Path) -> Path:
     """DeepSpeed's ds_to_universal (--inject_missing_state) from checkpoint folder `src` into `dst`, written
-    to a temporary folder first and renamed, so an interrupted conversion is redone rather than half-used."""
+    to a temporary folder first (with a manifest of its files) and renamed, so an interrupted conversion is
+    redone rather than half-used. Every file it reads is loaded with weights_only=True (weights_only_loads).
+    """
     import argparse
     import shutil
 
@@ -371,7 +416,9 @@ def convert_to_universal(src: Path, dst: Path) -> Path:
         inject_missing_state=True,
     )
     log.info("converting %s to a universal checkpoint in %s", src, dst)
-    ds_to_universal.main(args)
+    with weights_only_loads():
+        ds_to_universal.main(args)
+    write_manifest(tmp)
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
     return dst
@@ -410,6 +457,8 @@ def init_distributed(info: DistInfo, device: torch.device) -> None:
     cpu = device.type != "cuda"
     if cpu:
         segment.unlink(missing_ok=True)
+    else:  # before any collective: NCCL places object collectives (the resume decision) on this device
+        torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", auto_mpi_discovery=False)
     if cpu:
         torch.distributed.barrier()

@@ -128,11 +128,18 @@ class Trainer:
             "%s: %.2fM trainable parameters", task.name, sum(p.numel() for p in model.parameters()) / 1e6
         )
 
+        share = gather_all = None
+        if cfg.train.engine == "deepspeed":  # one resume decision for all ranks (CheckpointManager)
+            from .comm import all_gather_object, broadcast_object
+
+            share, gather_all = broadcast_object, all_gather_object
         self.ckpt = CheckpointManager(
             self.out_dir / "checkpoints",
             rank=info.rank,
             world_size=info.world_size,
             keep_last=cfg.train.keep_last,
+            share=share,
+            gather=gather_all,
         )
         self.tag = self.ckpt.resolve(cfg.train.resume) if with_data else None
         saved = self.ckpt.client(self.tag) if self.tag else None

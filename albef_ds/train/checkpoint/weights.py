@@ -13,7 +13,8 @@ Sources (`resolve_source` decides; `albef-ds export` uses the same rule):
   their keys.
 
 Every file is read with `torch.load(weights_only=True)` (DeepSpeed's three checkpoint classes allow-listed by
-name) or safetensors. The key maps and shape conversions are `albef_ds.model.weights`'.
+name) or safetensors; a checkpoint folder with a manifest (integrity.py) is checked against it first. The
+key maps and shape conversions are `albef_ds.model.weights`'.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import nn
 
 from ...model.weights import LAYOUTS, OUR_FORMAT, LoadReport, detect_layout, load_state, state_tensors
 from .files import read_client, read_latest
+from .integrity import ds_safe_globals, verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +44,6 @@ _EXPECTED = (
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _ds_safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
 def torch_load(path: Path, safe_globals: list | None = None):
     """torch.load(weights_only=True) on the CPU; an unreadable file is a ValueError naming it."""
     try:
@@ -117,7 +111,7 @@ def _consolidate(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     ranks = [r for r, _ in optim]
     if ranks != list(range(len(ranks))):
         raise ValueError(f"{folder}: optimizer partitions of ranks {ranks}; expected 0..{len(ranks) - 1}")
-    globs = _ds_safe_globals()
+    globs = ds_safe_globals()
     partitions = []
     for _, path in optim:
         osd = torch_load(path, globs).get("optimizer_state_dict", {})
@@ -236,6 +230,8 @@ def read_source(source: str | Path, *, kind: str = "auto") -> SourceState:
             raise FileNotFoundError(
                 f"{e}, nor a bert-base-uncased folder (model.safetensors or pytorch_model.bin)"
             ) from None
+        if how in ("deepspeed", "torch"):  # a checkpoint folder: its manifest's checksums, if it has one
+            verify_manifest(p if how == "deepspeed" else p.parent)
         if how == "deepspeed":
             tensors, states = _consolidate(p)
             client = read_client(p)
