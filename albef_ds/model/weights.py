@@ -437,9 +437,7 @@ class Fit:
 
     shapes: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, model shape, source shape)
     holes: dict[str, tuple[list[str], int]] = field(default_factory=dict)  # part -> (missing keys, its size)
-    strays: list[str] = field(
-        default_factory=list
-    )  # source keys of required parts the model has no place for
+    strays: list[str] = field(default_factory=list)  # source keys of required parts with no place here
     unmatched: list[str] = field(default_factory=list)  # source keys of parts it has, or of no ALBEF part
     unexpected: list[str] = field(default_factory=list)  # every source key the model has no place for
 
@@ -456,8 +454,7 @@ class Fit:
             where = ", ".join(dict.fromkeys(weight_group(k, fusion_layer) for k in self.strays))
             msg += (
                 f"{'; and' if parts else ' the model:'} it holds {len(self.strays)} tensor(s) the model has "
-                f"no place for in its {where} (e.g. {', '.join(self.strays[:3])}): weights of another "
-                "architecture?"
+                f"no place for ({where}; e.g. {', '.join(self.strays[:3])}): weights of another architecture?"
             )
         other = [k for k in self.unmatched if k not in set(self.strays)]
         if other:
