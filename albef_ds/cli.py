@@ -35,7 +35,16 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         "--tensorboard", default="", help="TensorBoard folder (default: <train.output_dir>/tensorboard)"
     )
     p.add_argument("--step", type=int, default=0, help="TensorBoard step of these metrics (default 0)")
+    _add_partial_arg(p)
     p.set_defaults(func=_cmd_evaluate)
+
+
+def _add_partial_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="use weights that leave parts of the model unfilled (by default an error naming the parts)",
+    )
 
 
 _CLASSIFY_TASKS = (
@@ -91,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Evaluate weights with a task's evaluation, on one process or every rank a launcher "
         "started. The checkpoint may be a DeepSpeed checkpoint folder, a checkpoints folder, a run folder, "
         "checkpoint.pt, an exported .safetensors or a released ALBEF .pth; position embeddings are "
-        "resampled to model.vision.image_size. Prints JSON.",
+        "resampled to model.vision.image_size. It must fill every part of the model the evaluation reads "
+        "(encoders, heads, answer decoder; not the MLM head, queues or momentum copies), else an error names "
+        "the parts it leaves missing (--allow-partial evaluates it anyway). Prints JSON.",
     )
     esub = p.add_subparsers(dest="task", required=True, metavar="TASK")
     e = esub.add_parser(
@@ -222,6 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--out", default="", help="folder (default <train.output_dir>/grounding_pictures/visualize_<split>)"
     )
+    _add_partial_arg(v)
     v.set_defaults(func=_cmd_visualize_grounding)
 
     p = sub.add_parser(
@@ -230,10 +242,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Write one .safetensors file of fp32 weights (momentum encoders and queues included) "
         "from a DeepSpeed checkpoint folder (fp32 master weights gathered from every rank's partition), a "
         "torch-engine checkpoint folder, a checkpoint.pt, or a run folder (its newest complete checkpoint). "
+        "The tensors must fit the model of the checkpoint's config: every tensor, each of its shape "
+        "(--allow-partial lets tensors be missing or extra, never of another shape). "
         "`albef-ds evaluate --checkpoint` and fine-tuning load the result.",
     )
     p.add_argument("source", help="checkpoint folder, run folder or checkpoint.pt")
     p.add_argument("--output", "-o", required=True, help="output file (.safetensors)")
+    _add_partial_arg(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
@@ -443,6 +458,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         save_scores=getattr(args, "save_scores", ""),
         answers_file=getattr(args, "answers_file", ""),
         step=args.step,
+        allow_partial=args.allow_partial,
     )
     if _is_rank0():
         print(json.dumps(metrics, indent=2))
@@ -452,7 +468,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .train.checkpoint.export import export_weights
 
-    print(json.dumps(export_weights(args.source, args.output), indent=2))
+    print(json.dumps(export_weights(args.source, args.output, allow_partial=args.allow_partial), indent=2))
     return 0
 
 
@@ -555,7 +571,12 @@ def _cmd_visualize_grounding(args: argparse.Namespace) -> int:
     from .tasks import visualize_grounding
 
     res = visualize_grounding(
-        _config(args), args.checkpoint, split_file=args.split_file, num=args.num, out=args.out
+        _config(args),
+        args.checkpoint,
+        split_file=args.split_file,
+        num=args.num,
+        out=args.out,
+        allow_partial=args.allow_partial,
     )
     print(json.dumps(res, indent=2))
     return 0

@@ -68,6 +68,9 @@ class ModelConfig:
     vit_init: str = ""  # DeiT-B/16 checkpoint (.pth with {'model': ...} or timm .safetensors); "" = random
     bert_init: str = ""  # bert-base-uncased folder (HF layout); "" = random
     albef_init: str = ""  # released ALBEF checkpoint (ALBEF_4M.pth / ALBEF.pth) or one of ours; "" = none
+    # Load vit_init / bert_init / albef_init even when they leave encoder tensors unfilled (by default an
+    # error naming the parts; task heads, queues and momentum copies a source may always lack).
+    allow_partial_init: bool = False
 
 
 @dataclass
@@ -660,6 +663,12 @@ def config_from_dict(data: dict, source: str = "") -> Config:
     cfg = _build(Config, data, "", source)
     cfg.validate()
     return cfg
+
+
+def model_config_from_dict(data: dict, source: str = "") -> ModelConfig:
+    """The `model` section of a saved config (a checkpoint's), typed (unknown keys are errors) but not
+    cross-checked against the other sections: what its weights' shapes follow from."""
+    return _build(ModelConfig, data, "model", source)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -26,6 +26,7 @@ For both:
     idx_queue (1, Q)                   -> (Q,)
     visual_encoder[_m].pos_embed       -> resampled to the model's grid (16x16 at 256 px -> 24x24 at 384 px)
     *.cls.predictions.decoder.bias     -> dropped (an alias of cls.predictions.bias)
+    *.embeddings.position_ids          -> dropped (the reference's persistent arange buffer)
     text_encoder[_m].cls.*             -> dropped when the model has no MLM head (retrieval, VQA)
 For a model with an answer decoder (VQA) and a source without one, the decoder comes from the encoder
 (`derive_decoder`: embeddings, fusion layers, MLM head); a whole-model source that leaves a decoder tensor
@@ -38,6 +39,24 @@ missing is an error.
 loaded, missing, unexpected, converted and dropped. A shape that still differs after conversion is a
 ValueError naming the key, both shapes and the source. Loading a partial layout (DeiT, BERT) refreshes the
 momentum copies (`model.copy_params()`); a whole-model layout brings its own.
+
+Coverage: the model's keys fall into named parts (`weight_group`: vision / text / fusion encoder, MLM head,
+answer decoder, ITC projections, ITM head, classifier / text-assignment head, feature queues, id queue, and
+each of these "(momentum)"). Before anything is copied, the parts the caller requires must be filled by the
+source, every tensor of them (`check_fit`); else a ValueError names the source, each such part with how many
+of its tensors are missing and a few of their keys, the source keys that found no place, and how to ask for
+a partial load. `require`:
+    "encoders" (start-up weights, fine-tuning init): the vision, text and fusion encoders, as far as the
+               layout provides them (DeiT: the vision encoder; BERT: text and fusion encoders without the
+               fusion layers' cross-attention); task heads, queues and momentum copies the source may lack.
+    "model"    (evaluation): every part an evaluation reads, whatever the layout: all but the MLM head, the
+               queues and the momentum copies (training state); source tensors of those required parts that
+               the model has no place for (a deeper model) are an error too.
+    "all"      (export): every part, and no source tensor left over.
+`partial=True` loads what fits and lists the parts it left in `LoadReport.incomplete` (logged as a warning).
+Source keys the model has no place for are reported: those of parts the model does not have (the ITM head of
+a pre-training checkpoint loaded for VQA) in `unexpected`, those of parts it has or of no ALBEF part at all
+also in `unmatched` (a warning).
 """
 
 from __future__ import annotations
@@ -68,6 +87,10 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)  # source keys dropped on purpose by the key map
     converted: list[str] = field(default_factory=list)  # keys resampled / transposed / reshaped / renamed
     layout: str = ""  # one of LAYOUTS
+    # unexpected keys of parts the model has (another depth?) or of no ALBEF part: they match nothing
+    unmatched: list[str] = field(default_factory=list)
+    # required parts a partial load (partial=True) left unfilled: "fusion encoder: 26 of 52 tensors missing"
+    incomplete: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         def few(xs: list[str]) -> str:
@@ -78,10 +101,15 @@ class LoadReport:
             parts.append(f"converted: {few(self.converted)}")
         if self.dropped:
             parts.append(f"dropped: {few(self.dropped)}")
+        if self.incomplete:
+            parts.append(f"PARTIAL LOAD, left unfilled: {'; '.join(self.incomplete)}")
         if self.missing:
             parts.append(f"missing (left as initialised): {few(self.missing)}")
-        if self.unexpected:
-            parts.append(f"unexpected (ignored): {few(self.unexpected)}")
+        absent = [k for k in self.unexpected if k not in set(self.unmatched)]
+        if absent:
+            parts.append(f"not in this model (ignored): {few(absent)}")
+        if self.unmatched:
+            parts.append(f"matching nothing in the model (ignored): {few(self.unmatched)}")
         return "; ".join(parts)
 
 
@@ -181,8 +209,8 @@ def convert_albef(
             k2 = f"{m.group(1)}.bert.{k[len(m.group(1)) + 1 :]}"
             report.converted.append(f"{k} -> {k2}")
             k = k2
-        if k.endswith("cls.predictions.decoder.bias"):
-            report.dropped.append(k)
+        if k.endswith(("cls.predictions.decoder.bias", "embeddings.position_ids")):
+            report.dropped.append(k)  # an alias of cls.predictions.bias; the reference's arange buffer
             continue
         if released and k in ("image_queue", "text_queue"):
             v = v.t()  # released: (D, Q) -> ours (Q, D)
@@ -331,6 +359,156 @@ _NOT_MISSING = {
     "queue_ptr",
 }
 
+# ------------------------------------------------------------------------------------------- coverage
+REQUIRE = ("encoders", "model", "all")
+ENCODERS = ("vision encoder", "text encoder", "fusion encoder")
+MOMENTUM = " (momentum)"
+# Parts no evaluation reads (training state): an evaluation source may lack them.
+TRAINING_ONLY = ("MLM head", "feature queues", "id queue")
+_PARTS = {
+    "visual_encoder": "vision encoder",
+    "text_decoder": "answer decoder",
+    "vision_proj": "ITC projections",
+    "text_proj": "ITC projections",
+    "temp": "ITC projections",
+    "itm_head": "ITM head",
+    "cls_head": "classifier head",
+    "ta_head": "text-assignment head",
+    "image_queue": "feature queues",
+    "text_queue": "feature queues",
+    "queue_ptr": "feature queues",
+    "idx_queue": "id queue",
+}
+_KNOWN = {*_PARTS.values(), "text encoder", "fusion encoder", "MLM head"}
+_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.")
+PARTIAL_HINT = (
+    "To load it anyway, ask for a partial load: --allow-partial (albef-ds evaluate / visualize / export), "
+    "model.allow_partial_init=true (model.vit_init / bert_init / albef_init), partial=True (load_weights)"
+)
+
+
+def weight_group(key: str, fusion_layer: int) -> str:
+    """The named part of an ALBEF model a state key belongs to (module docstring); text encoder layers from
+    `fusion_layer` on are the fusion encoder. A key of no ALBEF part is its own part, named by its first
+    component in quotes."""
+    head, _, rest = key.partition(".")
+    momentum = head.endswith("_m")
+    base = head[:-2] if momentum else head
+    if base == "text_encoder":
+        if rest.startswith("cls."):
+            name = "MLM head"
+        else:
+            m = _LAYER.match(rest)
+            name = "fusion encoder" if m and int(m.group(1)) >= fusion_layer else "text encoder"
+    else:
+        name = _PARTS.get(base, f"'{base}'")
+    return name + MOMENTUM if momentum else name
+
+
+def _fusion_layer(model: nn.Module) -> int:
+    bert = getattr(getattr(model, "text_encoder", None), "bert", None)
+    return getattr(bert, "fusion_layer", 1 << 30)
+
+
+def _known(group: str) -> bool:
+    return group.removesuffix(MOMENTUM) in _KNOWN
+
+
+def _required(group: str, require: str) -> bool:
+    if require == "all":
+        return True
+    if require == "model":
+        return not group.endswith(MOMENTUM) and group not in TRAINING_ONLY
+    return group in ENCODERS
+
+
+def _layout_provides(layout: str, key: str) -> bool:
+    """Whether a source of `layout` is expected to fill our `key` (for require="encoders")."""
+    if layout == "deit":
+        return key.startswith("visual_encoder.")
+    if layout == "bert":
+        return key.startswith("text_encoder.") and ".crossattention." not in key
+    return True
+
+
+@dataclass
+class Fit:
+    """How a source (in our keys) fits a model: `check_fit`."""
+
+    shapes: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, model shape, source shape)
+    holes: dict[str, tuple[list[str], int]] = field(default_factory=dict)  # part -> (missing keys, its size)
+    strays: list[str] = field(default_factory=list)  # source keys of required parts with no place here
+    unmatched: list[str] = field(default_factory=list)  # source keys of parts it has, or of no ALBEF part
+    unexpected: list[str] = field(default_factory=list)  # every source key the model has no place for
+
+    def describe(self, source: str, fusion_layer: int, hint: str = PARTIAL_HINT) -> str:
+        """The coverage error (holes and strays) for `source`, ending in `hint`."""
+        parts = [
+            f"{g}: {len(miss)} of {n} tensors missing (e.g. {', '.join(miss[:3])})"
+            for g, (miss, n) in self.holes.items()
+        ]
+        msg = (
+            (f"{source} does not cover the model: " + "; ".join(parts)) if parts else f"{source} does not fit"
+        )
+        if self.strays:
+            where = ", ".join(dict.fromkeys(weight_group(k, fusion_layer) for k in self.strays))
+            msg += (
+                f"{'; and' if parts else ' the model:'} it holds {len(self.strays)} tensor(s) the model has "
+                f"no place for ({where}; e.g. {', '.join(self.strays[:3])}): weights of another architecture?"
+            )
+        other = [k for k in self.unmatched if k not in set(self.strays)]
+        if other:
+            msg += f"; its keys that match nothing in the model: {', '.join(other[:4])}"
+            msg += f" ({len(other)} in all)" if len(other) > 4 else ""
+        return f"{msg}. {hint}" if hint else msg
+
+
+def check_fit(
+    model_state: Mapping[str, torch.Tensor],
+    mapped: Mapping[str, torch.Tensor],
+    *,
+    fusion_layer: int,
+    require: str = "encoders",
+    layout: str = "ours",
+) -> Fit:
+    """How `mapped` (our keys, converted) fits a model whose state dict is `model_state` (meta tensors do):
+    shape mismatches, the required parts (`require`, module docstring) it leaves unfilled, the source keys
+    of required parts that find no place, and the keys that match nothing. Changes nothing."""
+    if require not in REQUIRE:
+        raise ValueError(f"unknown coverage requirement {require!r}; expected one of {', '.join(REQUIRE)}")
+    fit = Fit()
+    groups: dict[str, list[str]] = {}
+    for k, t in model_state.items():
+        groups.setdefault(weight_group(k, fusion_layer), []).append(k)
+        if k in mapped and tuple(t.shape) != tuple(mapped[k].shape):
+            fit.shapes.append((k, tuple(t.shape), tuple(mapped[k].shape)))
+    for g, keys in groups.items():
+        if not _required(g, require):
+            continue
+        expected = [
+            k
+            for k in keys
+            if k not in _NOT_MISSING and (require != "encoders" or _layout_provides(layout, k))
+        ]
+        missing = [k for k in expected if k not in mapped]
+        if missing:
+            fit.holes[g] = (missing, len(expected))
+    for k in mapped:
+        if k in model_state:
+            continue
+        fit.unexpected.append(k)
+        g = weight_group(k, fusion_layer)
+        if g in groups or not _known(g):
+            fit.unmatched.append(k)
+        if require == "all" or (require == "model" and g in groups and _required(g, require)):
+            fit.strays.append(k)
+    return fit
+
+
+def _shape_error(source: str, shapes: list[tuple[str, tuple, tuple]]) -> ValueError:
+    lines = [f"{k}: ours {ours}, file {theirs}" for k, ours, theirs in shapes]
+    return ValueError(f"shape mismatch loading {source}:\n  " + "\n  ".join(lines))
+
 
 def apply_state(
     model: nn.Module, mapped: Mapping[str, torch.Tensor], report: LoadReport, *, prefixes: tuple[str, ...]
@@ -338,38 +516,45 @@ def apply_state(
     """Copy `mapped` (our keys) into the model's parameters and buffers. `prefixes` limit which of our keys
     count as missing. Checks every shape before copying anything: a mismatch changes nothing."""
     ours = model.state_dict(keep_vars=True)
-    shape_errors = []
-    for k, v in mapped.items():
-        if k not in ours:
-            report.unexpected.append(k)
-            continue
-        if tuple(ours[k].shape) != tuple(v.shape):
-            shape_errors.append(f"{k}: ours {tuple(ours[k].shape)}, file {tuple(v.shape)}")
-    if shape_errors:
-        raise ValueError(f"shape mismatch loading {report.source}:\n  " + "\n  ".join(shape_errors))
+    fit = check_fit(ours, mapped, fusion_layer=_fusion_layer(model))
+    if fit.shapes:
+        raise _shape_error(report.source, fit.shapes)
+    report.unexpected, report.unmatched = fit.unexpected, fit.unmatched
     with torch.no_grad():
         for k, v in mapped.items():
             if k in ours:
                 ours[k].copy_(v.to(ours[k].dtype))
                 report.loaded += 1
     report.missing = [k for k in ours if k.startswith(prefixes) and k not in mapped and k not in _NOT_MISSING]
-    log.info(report.summary())
+    if report.incomplete or report.unmatched:
+        log.warning(report.summary())
+    else:
+        log.info(report.summary())
     return report
 
 
 def load_state(
-    model: nn.Module, sd: Mapping[str, torch.Tensor], *, layout: str = "ours", source: str = "state dict"
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    *,
+    layout: str = "ours",
+    source: str = "state dict",
+    require: str = "encoders",
+    partial: bool = False,
 ) -> LoadReport:
     """Convert `sd` (in `layout`, see the module docstring) for `model` and load it; returns the report.
-    After a partial layout (DeiT, BERT) the momentum copies follow the loaded weights."""
+    The parts `require` names must be filled (module docstring, "Coverage"), else a ValueError names them and
+    nothing is copied; `partial=True` loads what fits and lists the rest in `report.incomplete`. After a
+    partial layout (DeiT, BERT) the momentum copies follow the loaded weights."""
     report = LoadReport(source, layout=layout)
     mapped = convert_state(sd, model, layout=layout, report=report)
-    if layout in WHOLE_MODEL:
+    model_state = model.state_dict()
+    if layout in WHOLE_MODEL and not partial:
         # A whole-model source must fill the answer decoder (its own, or derived from the encoder): a
         # silently BERT- or randomly-initialised decoder answers nonsense (the reference's --evaluate did).
         gaps = [
             k
-            for k in model.state_dict()
+            for k in model_state
             if k.startswith("text_decoder") and k not in mapped and k not in _NOT_MISSING
         ]
         if gaps:
@@ -378,6 +563,15 @@ def load_state(
                 "expected a pre-trained ALBEF checkpoint (text_encoder.bert.encoder.layer.* with the fusion "
                 "layers, text_encoder.cls.*) or a VQA checkpoint (text_decoder.*)"
             )
+    fit = check_fit(model_state, mapped, fusion_layer=_fusion_layer(model), require=require, layout=layout)
+    if fit.shapes:
+        raise _shape_error(source, fit.shapes)
+    if fit.holes or fit.strays:
+        if not partial:
+            raise ValueError(fit.describe(source, _fusion_layer(model)))
+        report.incomplete = [f"{g}: {len(miss)} of {n} tensors missing" for g, (miss, n) in fit.holes.items()]
+        if fit.strays:
+            report.incomplete.append(f"{len(fit.strays)} tensor(s) of those parts with no place in the model")
     apply_state(model, mapped, report, prefixes=_PREFIXES[layout])
     if layout not in WHOLE_MODEL and hasattr(model, "copy_params"):
         model.copy_params()

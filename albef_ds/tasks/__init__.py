@@ -67,10 +67,13 @@ def _tensorboard(log_dir: Path, tag: str, metrics: dict, step: int) -> None:
                 tb.add_scalar(f"{tag}/{k}", v, step)
 
 
-def _evaluation(cfg: Config, name: str, checkpoint: str, split_file: str):
-    """(task, context, model on its device, evaluation set, its path) of an evaluation of `checkpoint` with
-    task `name` on split_file (default: the task's default evaluation file), on the ranks a launcher
-    started (the process group initialised when there are several)."""
+def _evaluation(cfg: Config, name: str, checkpoint: str, split_file: str, allow_partial: bool = False):
+    """(task, context, model on its device, evaluation set, its path) of an evaluation of `checkpoint`
+    (default model.albef_init) with task `name` on split_file (default: the task's default evaluation file),
+    on the ranks a launcher started (the process group initialised when there are several). The checkpoint
+    must fill every part of the model the evaluation reads (`load_weights(require="model")`), unless
+    `allow_partial`."""
+    from ..train.checkpoint import load_weights
     from ..train.dist_env import world_info_from_env
     from ..train.runtime import build_tokenizer, resolve_device, seed_everything, special_tokens
 
@@ -99,22 +102,35 @@ def _evaluation(cfg: Config, name: str, checkpoint: str, split_file: str):
         special_tokens=special_tokens(tokenizer),
         extra={"label": f"checkpoint {checkpoint or cfg.model.albef_init or '(configured init)'}"},
     )
-    model = task.build_model(ctx, init=checkpoint or None).to(device)
-    return task, ctx, model, eval_set, path
+    # Built without its whole-model init, which is loaded here under the evaluation's coverage rule.
+    model = task.build_model(ctx, init="")
+    source = checkpoint or cfg.model.albef_init
+    if source:
+        load_weights(model, source, require="model", partial=allow_partial)
+    else:
+        log.warning("no --checkpoint and no model.albef_init: evaluating the configured initialisation")
+    return task, ctx, model.to(device), eval_set, path
 
 
 def visualize_grounding(
-    cfg: Config, checkpoint: str = "", *, split_file: str = "", num: int = 16, out: str = ""
+    cfg: Config,
+    checkpoint: str = "",
+    *,
+    split_file: str = "",
+    num: int = 16,
+    out: str = "",
+    allow_partial: bool = False,
 ) -> dict:
     """Grad-CAM pictures of the first `num` expressions of a grounding split (default grounding.test_file,
     else val_file) with `checkpoint` (default model.albef_init): one PNG per expression and a grid, into
     `out` (default <train.output_dir>/grounding_pictures/visualize_<split stem>); one process. Returns
-    {"folder", "grid", "expressions", "accuracy"} (the accuracy of those expressions)."""
+    {"folder", "grid", "expressions", "accuracy"} (the accuracy of those expressions). `allow_partial`: as
+    for `evaluate_task`."""
     from ..eval.grounding_eval import grounding_metrics, write_pictures
 
     if num < 1:
         raise ValueError(f"visualize grounding needs --num >= 1, got {num}")
-    task, ctx, model, eval_set, path = _evaluation(cfg, "grounding", checkpoint, split_file)
+    task, ctx, model, eval_set, path = _evaluation(cfg, "grounding", checkpoint, split_file, allow_partial)
     es = eval_set.head(num)
     boxes, maps = task.predict(model, es, ctx, keep_maps=len(es))
     folder = Path(out) if out else ctx.out_dir / "grounding_pictures" / f"visualize_{Path(path).stem}"
@@ -135,6 +151,7 @@ def evaluate_task(
     save_scores: str = "",
     answers_file: str = "",
     step: int = 0,
+    allow_partial: bool = False,
 ) -> dict:
     """Evaluate `checkpoint` (any weight source; empty = the configured initialisation) with task `name`'s
     evaluation on split_file (default: the task's default evaluation file), on every rank a launcher
@@ -142,11 +159,13 @@ def evaluate_task(
     default <train.output_dir>/tensorboard when train.tensorboard) and, with `save_scores` (retrieval), the
     score matrices; VQA writes the EvalAI answer file (`answers_file`, default
     <train.output_dir>/vqa_<split file stem>_answers.json). `k_test`: the re-rank depth (retrieval) or the
-    answers re-scored per question (VQA). Returns the metrics (on rank 0; None elsewhere for a
-    rank-0-only evaluation)."""
+    answers re-scored per question (VQA). The checkpoint must fill every part of the model the evaluation
+    reads (encoders, heads, decoder; not the MLM head, queues or momentum copies), else a ValueError names
+    the parts it leaves missing; `allow_partial` evaluates it anyway. Returns the metrics (on rank 0; None
+    elsewhere for a rank-0-only evaluation)."""
     import torch
 
-    task, ctx, model, eval_set, path = _evaluation(cfg, name, checkpoint, split_file)
+    task, ctx, model, eval_set, path = _evaluation(cfg, name, checkpoint, split_file, allow_partial)
     info, out_dir = ctx.info, ctx.out_dir
     extra: dict = {}
     if name == "retrieval":

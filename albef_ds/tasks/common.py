@@ -40,7 +40,9 @@ def make_comm(ctx: TaskContext):
 
 def configured_init(model, cfg: Config, init: str | None = None):
     """`model` with the configured start-up weights (model.vit_init, bert_init, then the whole-model
-    model.albef_init, which `init` overrides when given); returns the model."""
+    model.albef_init, which `init` overrides when given); each must fill the encoders it provides unless
+    model.allow_partial_init. Returns the model."""
     albef = cfg.model.albef_init if init is None else init
-    init_weights(model, vit=cfg.model.vit_init, bert=cfg.model.bert_init, albef=albef)
+    m = cfg.model
+    init_weights(model, vit=m.vit_init, bert=m.bert_init, albef=albef, partial=m.allow_partial_init)
     return model

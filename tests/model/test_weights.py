@@ -323,3 +323,67 @@ def test_unknown_layouts_are_errors():
         load_state(_model(), {}, layout="timm")
     with pytest.raises(ValueError, match="x.pth: not a layout we load"):
         detect_layout({"foo.weight": torch.zeros(1)}, ours=False, source="x.pth")
+
+
+# ------------------------------------------------------------------ coverage: weights that do not fit
+def test_a_source_that_fits_nothing_is_an_error_naming_the_missing_parts():
+    dst = _model()
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    sd = {"other_net.weight": torch.zeros(3), "head.bias": torch.zeros(2)}
+    with pytest.raises(ValueError) as e:
+        load_state(dst, sd, layout="ours", source="other.pt")
+    msg = str(e.value)
+    assert msg.startswith("other.pt does not cover the model")
+    for part in ("vision encoder: 30 of 30", "text encoder", "fusion encoder"):
+        assert part in msg, part
+    assert "visual_encoder.cls_token" in msg and "other_net.weight" in msg  # examples of both sides
+    assert "partial=True" in msg and "--allow-partial" in msg
+    for k, v in dst.state_dict().items():  # refused before anything was copied
+        assert torch.equal(v, before[k]), k
+    # Asked for, the partial load goes ahead and says what it left.
+    report = load_state(dst, sd, layout="ours", partial=True)
+    assert report.loaded == 0 and report.unmatched == ["other_net.weight", "head.bias"]
+    assert {"vision encoder", "text encoder", "fusion encoder"} <= {
+        i.split(":")[0] for i in report.incomplete
+    }
+
+
+def test_a_bert_or_deit_source_must_fill_what_it_provides():
+    _, released = released_pretraining_model()
+    with pytest.raises(ValueError, match="does not cover the model: text encoder: .* fusion encoder: "):
+        load_state(_model(), released, layout="bert", source="not-bert")  # ALBEF keys read as BERT
+    with pytest.raises(ValueError, match="not-deit does not cover the model: vision encoder: 30 of 30"):
+        load_state(_model(), released, layout="deit", source="not-deit")
+    # A DeiT file is not expected to fill the text side, nor BERT the fusion layers' cross-attention.
+    _, deit = _deit_state(img=32)
+    assert load_state(_model(), deit, layout="deit").incomplete == []
+    _, bert = bert_pretraining_state(_model().cfg.text)
+    assert load_state(_model(), bert, layout="bert").incomplete == []
+
+
+def test_evaluation_needs_the_task_parts_fine_tuning_only_the_encoders():
+    src = _model()  # pre-trained: no classifier head
+    from albef_ds.model.ve import ALBEFVE
+
+    report = load_state(ALBEFVE(tiny_model_config()), src.state_dict(), layout="ours")  # fine-tuning init
+    assert "cls_head.0.weight" in report.missing and report.incomplete == []
+    with pytest.raises(ValueError, match=r"classifier head: 4 of 4 tensors missing \(e\.g\. cls_head\.0\."):
+        load_state(ALBEFVE(tiny_model_config()), src.state_dict(), layout="ours", require="model")
+    # What no evaluation reads (MLM head, queues, momentum copies) may be absent for an evaluation.
+    retrieval = ALBEFRetrieval(tiny_model_config(), special_tokens=SPECIAL).state_dict()
+    online = {k: v for k, v in retrieval.items() if "_m." not in k}
+    report = load_state(_model(), online, layout="ours", require="model")
+    assert report.incomplete == [] and "text_encoder.cls.predictions.bias" in report.missing
+    assert "idx_queue" in report.unexpected and report.unmatched == []
+
+
+def test_a_deeper_source_is_refused_for_evaluation_and_reported_otherwise():
+    vision = VisionConfig(image_size=32, patch_size=8, width=32, depth=3, heads=2)
+    deep = ALBEFPretrain(tiny_model_config(vision=vision), special_tokens=SPECIAL)
+    want = r"deep.pt does not fit the model: it holds 12 tensor\(s\) the model has no place for \(vision "
+    with pytest.raises(ValueError, match=want + r"encoder; e.g. visual_encoder\.blocks\.2\."):
+        load_state(_model(), deep.state_dict(), layout="ours", source="deep.pt", require="model")
+    report = load_state(_model(), deep.state_dict(), layout="ours")  # fine-tuning init: reported
+    assert report.incomplete == [] and report.unmatched
+    assert all(k.startswith("visual_encoder") and ".blocks.2." in k for k in report.unmatched)
+    assert "matching nothing in the model" in report.summary()

@@ -15,6 +15,13 @@ Sources are resolved and read by `weights.resolve_source` / `weights.read_source
 with `load_weights`, which converts it). The safetensors file carries `albef_ds_format`, the step and the
 run's config in its metadata, so `load_weights` reads it as one of ours; DeepSpeed-free tools read it as a
 plain state dict.
+
+What is written must fit the model the checkpoint's config describes (`check_export`): the task models
+(pre-training, retrieval, VQA, NLVR2, text assignment, SNLI-VE) are built from its `model` section on the
+meta device (no memory), the one whose keys the checkpoint matches best is the model, and every tensor must
+have that model's shape (else a ValueError names the key and both shapes), every model tensor must be there
+and no other (else the parts missing or extra are named; `allow_partial` exports them anyway). A checkpoint
+without a config cannot be checked: an error, or with `allow_partial` a warning.
 """
 
 from __future__ import annotations
@@ -23,18 +30,90 @@ import json
 import logging
 from pathlib import Path
 
-from ...model.weights import OUR_FORMAT
-from .files import atomic_write_bytes
-from .weights import consolidate_deepspeed, read_source, resolve_source
+import torch
+from torch import nn
 
-__all__ = ["consolidate_deepspeed", "export_weights", "resolve_source"]
+from ...config import ConfigError, model_config_from_dict
+from ...model.weights import OUR_FORMAT, check_fit
+from .files import atomic_write_bytes
+from .weights import SourceState, consolidate_deepspeed, read_source, resolve_source
+
+__all__ = ["check_export", "consolidate_deepspeed", "export_weights", "resolve_source"]
 
 log = logging.getLogger(__name__)
 
+# Token ids the models want at construction; no shape depends on them.
+_SPECIAL = {"pad": 0, "cls": 1, "mask": 2}
 
-def export_weights(source: str | Path, output: str | Path) -> dict:
-    """Write the consolidated fp32 state dict of `source` to `output` (.safetensors), atomically.
-    Returns a summary (source, tensors, parameters, step)."""
+
+def _task_models(model_cfg) -> list[tuple[str, nn.Module]]:
+    """Every task model of `model_cfg`, on the meta device (shapes only)."""
+    from ...model.albef import ALBEFPretrain
+    from ...model.nlvr import ALBEFNLVR2, ALBEFTextAssignment
+    from ...model.retrieval import ALBEFRetrieval
+    from ...model.ve import ALBEFVE
+    from ...model.vqa import ALBEFVQA
+
+    builders = {
+        "pre-training": lambda: ALBEFPretrain(model_cfg, special_tokens=_SPECIAL),
+        "retrieval / grounding": lambda: ALBEFRetrieval(model_cfg, special_tokens=_SPECIAL),
+        "VQA": lambda: ALBEFVQA(model_cfg, special_tokens=_SPECIAL),
+        "NLVR2": lambda: ALBEFNLVR2(model_cfg),
+        "NLVR2 text assignment": lambda: ALBEFTextAssignment(model_cfg),
+        "SNLI-VE": lambda: ALBEFVE(model_cfg),
+    }
+    out = []
+    with torch.device("meta"):
+        for name, build in builders.items():
+            try:
+                out.append((name, build()))
+            except ValueError:  # a config this task's model refuses (VQA: text width != vision width)
+                continue
+    return out
+
+
+def check_export(st: SourceState, *, allow_partial: bool = False) -> str:
+    """Check that `st`'s tensors fit the model of its config (module docstring); returns that model's name
+    ("" when unchecked)."""
+    cfg = st.client.get("config")
+    if not cfg or not isinstance(cfg, dict) or "model" not in cfg:
+        if not allow_partial:
+            raise ValueError(
+                f"{st.path} has no config to check its tensors against (our runs store it); "
+                "--allow-partial exports it unchecked"
+            )
+        log.warning("%s has no config: exporting its tensors unchecked", st.path)
+        return ""
+    try:
+        model_cfg = model_config_from_dict(cfg["model"], source=f"{st.path} (its config)")
+    except ConfigError as e:
+        raise ValueError(f"cannot check {st.path} against its config: {e}") from e
+    fits = []
+    for name, model in _task_models(model_cfg):
+        fl = model_cfg.text.fusion_layer
+        fit = check_fit(model.state_dict(), st.tensors, fusion_layer=fl, require="all")
+        fits.append((sum(len(m) for m, _ in fit.holes.values()) + len(fit.strays), name, fit))
+    _, name, fit = min(fits, key=lambda x: x[0])
+    if fit.shapes:
+        lines = [f"{k}: config {ours}, file {theirs}" for k, ours, theirs in fit.shapes]
+        raise ValueError(
+            f"{st.path}: {len(lines)} tensor(s) do not fit the {name} model of its config:\n  "
+            + "\n  ".join(lines)
+        )
+    if fit.holes or fit.strays:
+        what = fit.describe(str(st.path), model_cfg.text.fusion_layer, hint="")
+        what += f" (checked against the {name} model of its config)"
+        if not allow_partial:
+            raise ValueError(f"{what}. To export it anyway: --allow-partial")
+        log.warning("partial export: %s", what)
+    return name
+
+
+def export_weights(source: str | Path, output: str | Path, *, allow_partial: bool = False) -> dict:
+    """Write the consolidated fp32 state dict of `source` to `output` (.safetensors), atomically, once its
+    tensors are checked against the model of its config (`check_export`; `allow_partial` lets tensors be
+    missing or extra, never of another shape). Returns a summary (source, output, model, tensors, values,
+    step)."""
     from safetensors.torch import save
 
     output = Path(output)
@@ -46,6 +125,7 @@ def export_weights(source: str | Path, output: str | Path) -> dict:
             f"{st.path} is not an albef-ds checkpoint (it holds the {st.layout!r} layout); nothing to "
             "export: load it with load_weights, which converts it"
         )
+    model = check_export(st, allow_partial=allow_partial)
     meta: dict[str, str] = {"albef_ds_format": str(OUR_FORMAT), "source": str(st.path)}
     if st.client.get("config") is not None:
         meta["config"] = json.dumps(st.client["config"])
@@ -63,6 +143,7 @@ def export_weights(source: str | Path, output: str | Path) -> dict:
     return {
         "source": str(st.path),
         "output": str(output),
+        "model": model,
         "tensors": len(tensors),
         "values": n,
         "step": meta.get("step"),

@@ -255,24 +255,39 @@ def _ours_folder(p: Path) -> bool:
 
 
 # -------------------------------------------------------------------------------------------- loading
-def load_weights(model: nn.Module, source: str | Path, *, kind: str = "auto") -> LoadReport:
+def load_weights(
+    model: nn.Module,
+    source: str | Path,
+    *,
+    kind: str = "auto",
+    require: str = "encoders",
+    partial: bool = False,
+) -> LoadReport:
     """Load any weight source (module docstring) into `model`: read, convert to our keys and shapes for this
     model (`albef_ds.model.weights`), apply. Returns the LoadReport (also logged). `kind` = "auto" (detect),
     or force "ours", "albef" (released), "deit", "bert". A shape that still differs after conversion is a
-    ValueError naming the key, both shapes and the source."""
+    ValueError naming the key, both shapes and the source. The parts `require` names must be filled:
+    "encoders" (the default: start-up and fine-tuning weights), "model" (evaluation: every part an
+    evaluation reads) or "all"; else a ValueError names the source and the parts it leaves missing, and
+    nothing is loaded. `partial=True` loads what fits (`report.incomplete` lists what it left)."""
     st = read_source(source, kind=kind)
-    return load_state(model, st.tensors, layout=st.layout, source=str(st.path))
+    return load_state(
+        model, st.tensors, layout=st.layout, source=str(st.path), require=require, partial=partial
+    )
 
 
-def init_weights(model: nn.Module, *, vit: str = "", bert: str = "", albef: str = "") -> list[LoadReport]:
+def init_weights(
+    model: nn.Module, *, vit: str = "", bert: str = "", albef: str = "", partial: bool = False
+) -> list[LoadReport]:
     """The configured start-up initialisation, in order: a DeiT checkpoint into the vision encoder, then
     bert-base-uncased into the text and fusion encoders (each followed by momentum := online), then a
-    whole-model source (any `load_weights` accepts; it brings its own momentum copies and queues)."""
+    whole-model source (any `load_weights` accepts; it brings its own momentum copies and queues). Each must
+    fill the encoders it provides (`load_weights`' require="encoders"), unless `partial`."""
     reports = []
     if vit:
-        reports.append(load_weights(model, vit, kind="deit"))
+        reports.append(load_weights(model, vit, kind="deit", partial=partial))
     if bert:
-        reports.append(load_weights(model, bert, kind="bert"))
+        reports.append(load_weights(model, bert, kind="bert", partial=partial))
     if albef:
-        reports.append(load_weights(model, albef))
+        reports.append(load_weights(model, albef, partial=partial))
     return reports

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from albef_ds.config import load_config
+from albef_ds.config import config_to_dict, load_config
 from albef_ds.model import ALBEFPretrain
 from albef_ds.train.checkpoint import (
     export_weights,
@@ -78,7 +78,7 @@ def sources(tmp_path):
     run = tmp_path / "run_b"
     root = run / "checkpoints"
     engine = TorchEngine(m, cfg, torch.device("cpu"))
-    client = {"step": 8, "epoch": 0, "batches_in_epoch": 8, "world_size": 1}
+    client = {"step": 8, "epoch": 0, "batches_in_epoch": 8, "world_size": 1, "config": config_to_dict(cfg)}
     engine.save(root, step_tag(4), {**client, "step": 4})
     engine.save(root, step_tag(8), client)
     publish(root, step_tag(8), keep_last=2)
