@@ -125,3 +125,48 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path, synth):
     )
     assert rc == EXIT_PREEMPTED
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at + 2:08d}"
+
+
+def _mid_save(root: Path, after: int) -> str | None:
+    """The tag of a checkpoint being written (its folder exists, its checksum file, written last before
+    `latest` moves, does not yet) past step `after`, if there is one now."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return None
+    for name in names:
+        if name.startswith("step_") and int(name.split("_")[1]) > after:
+            if not (root / name / "manifest.json").exists():
+                return name
+    return None
+
+
+def test_sigkill_mid_save_resumes_exactly_from_the_last_complete_checkpoint(tmp_path, synth, one_thread):
+    """SIGKILL while a checkpoint is being written (a checkpoint every step, killed the moment a folder
+    without its checksum file appears): the resume ignores the torn folder, starts from the newest complete
+    one, and trains what an uninterrupted run trains."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _pretrain(synth, straight) == 0
+    exe = Path(sys.executable).with_name("albef-ds")
+    cmd = [str(exe), "pretrain", "--config", CFG, *synth, f"train.output_dir={killed}", "train.save_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one intra-op thread, as `one_thread` gives this process
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    root, torn, deadline = killed / "checkpoints", None, time.time() + 240
+    try:
+        while torn is None and proc.poll() is None and time.time() < deadline:
+            torn = _mid_save(root, after=3)
+        proc.kill()
+    finally:
+        proc.wait(timeout=60)
+    assert torn is not None, "the run ended before a checkpoint was caught mid-save"
+    assert proc.returncode == -signal.SIGKILL
+    assert not (root / torn / "manifest.json").exists()  # it really died mid-save
+    complete = (root / "latest").read_text().strip()
+    assert int(complete.split("_")[1]) == int(torn.split("_")[1]) - 1
+    assert _pretrain(synth, killed, "train.resume=auto", "train.save_every=1") == 0
+    a, b = _losses(straight), _losses(killed)
+    start = int(complete.split("_")[1])
+    for step in range(start + 1, 13):
+        for k in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
+            assert b[step][k] == pytest.approx(a[step][k], abs=1e-6), (step, k)
+    assert_same_state(_final_state(straight), _final_state(killed))
