@@ -136,6 +136,9 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero2_bf16.json"  # DeepSpeed JSON (its "auto" values are filled from here)
     engine: str = "torch"  # "torch": one process, torch AdamW; "deepspeed": ZeRO-2 on any number of ranks
     record_samples: bool = False  # list each rank's (epoch, sample index) in its rank report (debugging)
+    # torch.compile the ViT blocks and BERT layers (online and momentum) in place before the engine wraps the
+    # model; the rest of the step and every evaluation stay eager (model/compile.py, README "Performance")
+    compile: bool = False
     epochs: int = 30
     max_steps: int = -1  # stop after this many optimizer steps; -1 = epochs decide
     seed: int = 42

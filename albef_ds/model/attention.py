@@ -97,11 +97,20 @@ def keep_attention(module: nn.Module) -> Iterator[KeptAttention]:
     """Within the block, `module` computes its attention explicitly and stores the probabilities of each
     forward in the yielded `KeptAttention`; on exit the module is put back as it was (SDPA)."""
     kept = KeptAttention()
+    # Compiled blocks (`model.compile.compile_blocks`) run eagerly within the block: a graph compiled for SDPA
+    # must not answer instead of the explicit attention, and the probabilities (a leaf made to require grad,
+    # stored on `kept`) are no graph output. The stance is process-wide and restored on exit.
+    with torch.compiler.set_stance("force_eager"), _kept_on(module, kept):
+        yield kept
+
+
+@contextlib.contextmanager
+def _kept_on(module: nn.Module, kept: KeptAttention) -> Iterator[None]:
     if isinstance(module, TimmAttention):
         previous = vars(module).get("forward")  # an instance override (an enclosing block), or None
         module.forward = partial(_timm_attention_forward, module, kept)
         try:
-            yield kept
+            yield
         finally:
             if previous is None:
                 del module.forward
@@ -111,7 +120,7 @@ def keep_attention(module: nn.Module) -> Iterator[KeptAttention]:
         previous = module.kept
         module.kept = kept
         try:
-            yield kept
+            yield
         finally:
             module.kept = previous
     else:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, config_to_dict, save_config
+from ..model.compile import CompileCounters, compile_blocks, eager
 from .checkpoint import rng_state, set_rng_state
 from .checkpoint.manager import CheckpointManager, save_consolidated
 from .dist_env import world_info_from_env
@@ -61,6 +62,10 @@ class StepHooks:
 
     def teardown(self) -> None:
         pass
+
+
+def _blocks_text(blocks: dict[str, int]) -> str:
+    return " + ".join(f"{n} {name}" for name, n in blocks.items())
 
 
 def _sha256(tensors) -> str:
@@ -127,6 +132,12 @@ class Trainer:
         log.info(
             "%s: %.2fM trainable parameters", task.name, sum(p.numel() for p in model.parameters()) / 1e6
         )
+        # Regional compile on the complete model (momentum copies included), before an engine wraps it.
+        self.compiled = compile_blocks(model) if cfg.train.compile else {}
+        self.compile_counters = CompileCounters() if self.compiled else None
+        self._compile_reported: dict | None = None  # the summary once logged
+        if self.compiled:
+            log.info("train.compile: compiling %s at their first call", _blocks_text(self.compiled))
 
         share = gather_all = None
         if cfg.train.engine == "deepspeed":  # one resume decision for all ranks (CheckpointManager)
@@ -258,7 +269,7 @@ class Trainer:
             # The evaluation may draw random numbers (its loader, sampling in the task): the training that
             # follows must be the one a run without it trains, so every RNG is put back afterwards.
             before_eval = rng_state()
-            m = task.evaluate(model, "val", ctx, step=0)
+            m = self._evaluate("val", 0)
             set_rng_state(before_eval)
             if m is not None:
                 monitor.eval("val_before", 0, m)
@@ -394,7 +405,7 @@ class Trainer:
         if task.has_split("test"):
             if self.best_state is not None:
                 self._load_params(self.best_state)
-            m = task.evaluate(model, "test", ctx, step=result["steps"])
+            m = self._evaluate("test", result["steps"])
             if m is not None:
                 monitor.eval("test", result["steps"], m)
                 result["test"] = m
@@ -422,6 +433,8 @@ class Trainer:
             "skipped_images": skipped,
         }
         self.monitor.train(rec)
+        if self.compile_counters is not None:
+            self._report_compile(done)
         names = self.task.log_names
         parts = " ".join(f"{n.removeprefix('loss_')} {rec[n]:.3f}" for n in names[1:])
         log.info(
@@ -437,11 +450,47 @@ class Trainer:
         )
         return rec
 
+    def _evaluate(self, split: str, step: int) -> dict | None:
+        """The task's evaluation of `split`. Compiled blocks run eagerly there: eval mode, other batch sizes
+        and Grad-CAM's explicit attention would each compile graphs that training never uses again."""
+        with eager() if self.compiled else contextlib.nullcontext():
+            return self.task.evaluate(self.model, split, self.ctx, step=step)
+
+    def _report_compile(self, step: int) -> None:
+        """The compile summary (graphs, graph breaks, recompilations, compile time), logged and written to
+        metrics.jsonl once, at the end of the first log window; later log windows only warn when graphs were
+        compiled since (a new shape or mode mid-run)."""
+        s = self.compile_counters.summary()
+        if self._compile_reported is None:
+            self._compile_reported = s
+            self.monitor.write({"event": "compile", "step": step, "blocks": self.compiled, **s})
+            log.info(
+                "train.compile after step %d: %d graphs for %s, %d graph breaks, %d recompilations, %.1f s "
+                "compiling",
+                step,
+                s["graphs"],
+                _blocks_text(self.compiled),
+                s["graph_breaks"],
+                s["recompiles"],
+                s["compile_time_s"],
+            )
+            if s["graph_breaks"]:
+                log.warning("train.compile: graph breaks in the blocks: %s", s["graph_break_reasons"])
+        elif s["graphs"] > self._compile_reported["graphs"]:
+            log.warning(
+                "train.compile: %d more graphs compiled by step %d (%d in all; recompilations: %s)",
+                s["graphs"] - self._compile_reported["graphs"],
+                step,
+                s["graphs"],
+                s["recompile_reasons"],
+            )
+            self._compile_reported = s
+
     def _validate(self, state: dict, epoch: int, step: int) -> None:
         """Evaluate the val split; with a best metric, keep the best weights (in memory for the final test,
         and in checkpoint_best.pt)."""
         task = self.task
-        m = task.evaluate(self.model, "val", self.ctx, step=step)
+        m = self._evaluate("val", step)
         if m is None:
             return
         self.monitor.eval("val", step, m)
