@@ -78,12 +78,10 @@ def _run_and_signal(ov: list[str], run: Path, send) -> tuple[int, str, list[psut
         assert time.time() < deadline, "no training progress: " + "".join(seen[-20:])
     tree = psutil.Process(top.pid).children(recursive=True)
     runner = next(p for p in tree if "deepspeed.launcher.runner" in p.cmdline())
-    ranks = [
-        p for p in tree if "albef_ds.cli" in p.cmdline() and "deepspeed.launcher.launch" not in p.cmdline()[2]
-    ]
-    assert len(ranks) == 2 and any("deepspeed.launcher.launch" in p.cmdline() for p in tree), [
-        p.cmdline() for p in tree
-    ]
+    cmdlines = {p.pid: p.cmdline() for p in tree}
+    ds = {pid for pid, c in cmdlines.items() if any(a.startswith("deepspeed.launcher") for a in c)}
+    ranks = [pid for pid, c in cmdlines.items() if "albef_ds.cli" in c and pid not in ds]
+    assert len(ranks) == 2 and len(ds) == 2, cmdlines  # runner, launch.py and the two ranks
     send(top, runner)
     rest = top.communicate(timeout=300)[0]
     return top.returncode, "".join(seen) + rest, tree
