@@ -20,7 +20,7 @@ def _env_pair(text: str) -> tuple[str, str]:
 def add_launch_parser(sub) -> None:
     p = sub.add_parser(
         "launch",
-        help="launch pre-training on a cluster (SLURM)",
+        help="launch pre-training: on a SLURM cluster, or the deepspeed launcher with working signals",
         description="Launch pre-training on a cluster.",
     )
     lsub = p.add_subparsers(dest="launch_command", required=True, metavar="LAUNCHER")
