@@ -616,16 +616,28 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["launch", "deepspeed"]:
+        # its arguments are deepspeed's (--num_gpus, --module, ...), which argparse would take for ours
+        from .launcher.ds_run import main as supervise
+
+        return supervise(argv[2:])
+    args = _parser().parse_args(argv)
+    from .launcher.ds_run import record_exit
     from .train.dist_env import env_rank
     from .train.runtime import configure_logging
 
     configure_logging(args.log_level, rank=env_rank())
+    code = 1  # an exception escaping below
     try:
-        return args.func(args)
+        code = args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"albef-ds: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    finally:
+        # under `albef-ds launch deepspeed`: this rank's status for the supervisor (launch.py loses it)
+        record_exit(code)
+    return code
 
 
 if __name__ == "__main__":

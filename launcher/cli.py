@@ -20,7 +20,7 @@ def _env_pair(text: str) -> tuple[str, str]:
 def add_launch_parser(sub) -> None:
     p = sub.add_parser(
         "launch",
-        help="launch pre-training on a cluster (SLURM)",
+        help="launch pre-training: on a SLURM cluster, or the deepspeed launcher with working signals",
         description="Launch pre-training on a cluster.",
     )
     lsub = p.add_subparsers(dest="launch_command", required=True, metavar="LAUNCHER")
@@ -123,6 +123,20 @@ def add_launch_parser(sub) -> None:
     s.add_argument("--workdir", default="", help="job working directory (default: the current one)")
     s.add_argument("--dry-run", action="store_true", help="check and print the script; submit nothing")
     s.set_defaults(func=run_launch)
+
+    # Listed for --help only: albef_ds.cli hands `launch deepspeed ...` to ds_run.main before argparse runs,
+    # since the arguments are deepspeed's own (--num_gpus, --module, ...).
+    d = lsub.add_parser(
+        "deepspeed",
+        help="run the deepspeed launcher on this machine (or a hostfile's) so that a signal makes every "
+        "rank checkpoint once and the command exit 85",
+        description="`albef-ds launch deepspeed [--grace-seconds S] [--resend-seconds S] [--status-dir DIR] "
+        "[--] DEEPSPEED_ARGS`: what `deepspeed DEEPSPEED_ARGS` does, under a supervisor. SIGTERM, SIGINT, "
+        "SIGHUP or SIGUSR1 to it (or the deepspeed runner dying of a signal) reach every rank as SIGUSR1; "
+        "the ranks finish their step, write one checkpoint and exit 85, and so does this command; no "
+        "process of the run outlives it. A second SIGINT kills the run at once.",
+    )
+    d.add_argument("deepspeed_args", nargs=argparse.REMAINDER, help="the arguments of `deepspeed`")
 
 
 def run_launch(args: argparse.Namespace) -> int:

@@ -71,13 +71,20 @@ forward_usr1() {
 trap forward_usr1 USR1
 
 # The launch runs with USR1 ignored, so that a signal sent to this shell's whole process tree
-# (`scancel --full`) cannot kill the launcher process itself; the ranks install their own handler.
+# (`scancel --full`) cannot kill the launcher process itself; the ranks install their own handler (and the
+# deepspeed mode's supervisor its own, which passes USR1 on to the ranks as well).
 if [ "$MODE" = deepspeed ]; then
     # deepspeed's launcher wants a hostfile; build it from the allocation, one slot per task.
     HOSTFILE="$RUN_DIR/launch/hostfile.$SLURM_JOB_ID"
     scontrol show hostnames "$SLURM_JOB_NODELIST" | awk -v s="$TASKS_PER_NODE" '{print $1 " slots=" s}' \
         >"$HOSTFILE"
-    (trap '' USR1; exec "$PYTHON" -u -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --launcher slurm \
+    # The runner goes under the supervisor of the copied code (albef_ds/launcher/ds_run.py): a signal to the
+    # supervisor or the runner reaches every rank as USR1, the ranks report their exit status into
+    # launch/status (on the shared run folder, read back here), nothing of the run outlives it, and its exit
+    # status is the ranks' (85 after their checkpoint), whatever the runner's own says.
+    (trap '' USR1; PYTHONPATH="$RUN_DIR/launch/code${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -u \
+        -m albef_ds.launcher.ds_run --status-dir "$RUN_DIR/launch/status" -- \
+        --hostfile "$HOSTFILE" --launcher slurm \
         --launcher_args "--label --cpus-per-task=$CPUS_PER_TASK ${SRUN_ARGS[*]@Q}" --force_multi \
         --no_ssh_check --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
         "$ENTRY" --config "$CONFIG") &

@@ -21,7 +21,7 @@ fi
 per_rank=$(( 32 / ranks > 0 ? 32 / ranks : 1 ))
 port="$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 albef-ds data synth --config configs/debug.yaml
-deepspeed --num_gpus "$ranks" --no_local_rank --master_port "$port" --module albef_ds.cli \
+albef-ds launch deepspeed --num_gpus "$ranks" --no_local_rank --master_port "$port" --module albef_ds.cli \
   pretrain --config configs/debug.yaml train.engine=deepspeed "train.batch_size=$per_rank" "${extra[@]}" "$@"
 out_dir="$(python - "$@" <<'PY'
 import sys
@@ -33,6 +33,6 @@ albef-ds export "$out_dir" --output "$out_dir/albef.safetensors"
 echo "[demo] retrieval of the exported weights on the held-out split:"
 albef-ds evaluate pretrain --config configs/debug.yaml "$@" --checkpoint "$out_dir/albef.safetensors"
 echo "[demo] retrieval with ITM re-ranking (ITC top-k + ITM) on the held-out split, on $ranks ranks:"
-deepspeed --num_gpus "$ranks" --no_local_rank --master_port "$port" --module albef_ds.cli \
+albef-ds launch deepspeed --num_gpus "$ranks" --no_local_rank --master_port "$port" --module albef_ds.cli \
   evaluate retrieval --config configs/debug.yaml "$@" eval.k_test=32 \
   --checkpoint "$out_dir/albef.safetensors" --output "$out_dir/retrieval_itm.json"

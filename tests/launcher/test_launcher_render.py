@@ -117,7 +117,10 @@ def test_deepspeed_mode_builds_a_hostfile_from_the_allocation(capsys, workdir):
     rc, script, _ = _dry_run(capsys, workdir, "--output", "r", "--mode", "deepspeed", "--srun-arg=--mpi=pmix")
     assert rc == 0
     assert "MODE=deepspeed" in script and "SRUN_ARGS=(--mpi=pmix)" in script
-    assert "deepspeed.launcher.runner --hostfile" in script and "--launcher slurm" in script
+    # the deepspeed runner under the supervisor of the copied code, reports on the shared run folder
+    assert '-m albef_ds.launcher.ds_run --status-dir "$RUN_DIR/launch/status" --' in script
+    assert 'PYTHONPATH="$RUN_DIR/launch/code' in script
+    assert '--hostfile "$HOSTFILE" --launcher slurm' in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
