@@ -263,7 +263,24 @@ def _parser() -> argparse.ArgumentParser:
         "Writes JSON + a PNG breakdown.",
     )
     _add_config_args(b)
-    b.add_argument("--recipe", choices=["ours", "reference", "both"], default="both")
+    b.add_argument(
+        "--recipe",
+        choices=["both", "all", "ours", "ours+compile", "ours+patch_dropout", "reference"],
+        default="both",
+        help="both = ours and reference; all = ours, ours+compile, ours+patch_dropout and reference",
+    )
+    b.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the recipes this many times, interleaved; report min / median / max (default 1)",
+    )
+    b.add_argument(
+        "--patch-dropout",
+        type=float,
+        default=0.5,
+        help="the share of patches the ours+patch_dropout recipe drops (default 0.5)",
+    )
     b.add_argument(
         "--engine",
         choices=["deepspeed", "torch"],
@@ -472,6 +489,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+_BENCH_RECIPES = {
+    "both": ["ours", "reference"],
+    "all": ["ours", "ours+compile", "ours+patch_dropout", "reference"],
+}
+
+
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -482,13 +505,15 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     res = bench_throughput(
         cfg,
         config_name=Path(args.config or _DEFAULT_CONFIG["bench"]).stem,
-        recipes=["ours", "reference"] if args.recipe == "both" else [args.recipe],
+        recipes=_BENCH_RECIPES.get(args.recipe, [args.recipe]),
         warmup=args.warmup,
         steps=args.steps,
         out=Path(args.out),
         peak_tflops=args.peak_tflops,
         tensorboard=args.tensorboard,
         profile=args.profile,
+        repeats=args.repeats,
+        patch_dropout=args.patch_dropout,
     )
     for r in res["recipes"]:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no known peak)"
@@ -497,8 +522,11 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
             f"{r['recipe']:>9}: {r['samples_per_s']:.2f} samples/s ({per_dev:.2f} per device), "
             f"step {step_ms:.1f} ms, peak memory {r['peak_mem_gb']:.2f} GB, MFU {mfu}"
         )
-    if "speedup_vs_reference" in res:
-        print(f"ours / reference: {res['speedup_vs_reference']:.2f}x samples/s")
+    for name, v in res["ratios"].items():
+        spread = (
+            f" (min {v['min']:.2f}x, max {v['max']:.2f}x over {res['repeats']})" if res["repeats"] > 1 else ""
+        )
+        print(f"{name}: {v['median']:.2f}x samples/s{spread}")
     return 0
 
 

@@ -1,6 +1,17 @@
 """`albef-ds bench throughput`: the real pre-training step, timed, with a breakdown, MFU and a baseline.
 
-For each recipe ("ours" and, with `--recipe both`, "reference" in the same run) it builds the model and the
+Recipes (`RECIPES`; `--recipe all` runs every one in the same run, `both` = ours and reference):
+    ours                 the production default
+    ours+compile         the same with `train.compile=true` (regional torch.compile of the ViT / BERT blocks;
+                         compilation happens in the warm-up steps, which are not timed)
+    ours+patch_dropout   the same with `model.vision.patch_dropout` (FLIP-style; `--patch-dropout`, default
+                         0.5): fewer image tokens, fewer model FLOPs, and its MFU counts only those
+    reference            the reference implementation's execution choices (below)
+With `--repeats N` the recipes run N times, interleaved (ours, ours+compile, ..., ours, ...), so a load that
+comes and goes on the machine touches every recipe alike; each recipe reports its min / median / max
+samples/s and the ratios to ours and to the reference per repeat.
+
+For each recipe it builds the model and the
 configured engine (DeepSpeed ZeRO-2 or torch), runs W warm-up and N timed optimizer steps, and reports:
 samples/s (global and per device), step time and where it goes, peak memory, and MFU from the analytic FLOP
 count (`albef_ds.bench.flops`). The reference recipe reruns the reference implementation's execution choices
@@ -63,6 +74,9 @@ SECTIONS = (
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "V100": 125e12}
 
 FP32_DS_CONFIG = "ds_configs/zero2_fp32.json"
+
+RECIPES = ("ours", "ours+compile", "ours+patch_dropout", "reference")
+DEFAULT_PATCH_DROPOUT = 0.5
 
 
 class SectionTimer(StepHooks):
@@ -130,11 +144,19 @@ def _synthetic_batches(
     return out
 
 
-def _recipe_config(cfg: Config, recipe: str) -> Config:
+def _recipe_config(cfg: Config, recipe: str, patch_dropout: float = DEFAULT_PATCH_DROPOUT) -> Config:
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown benchmark recipe {recipe!r} (one of {', '.join(RECIPES)})")
     c = copy.deepcopy(cfg)
     c.train.grad_accum = 1
     c.train.global_batch_size = 0
     c.model.vit_init = c.model.bert_init = c.model.albef_init = ""  # random init: speed only
+    if recipe == "ours+compile":
+        c.train.compile = True
+    if recipe == "ours+patch_dropout":
+        if not 0.0 < patch_dropout < 1.0:
+            raise ConfigError(f"--patch-dropout must lie in (0, 1), got {patch_dropout}")
+        c.model.vision.patch_dropout = patch_dropout
     if recipe == "reference":  # the reference trains in fp32, on every patch
         c.model.vision.patch_dropout = 0.0
         c.train.precision = "fp32"
@@ -143,17 +165,34 @@ def _recipe_config(cfg: Config, recipe: str) -> Config:
     return c
 
 
-def run_recipe(cfg: Config, recipe: str, *, warmup: int, steps: int, device: torch.device, info) -> dict:
+def run_recipe(
+    cfg: Config,
+    recipe: str,
+    *,
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    info,
+    patch_dropout: float = DEFAULT_PATCH_DROPOUT,
+) -> dict:
     """Build, warm up and time one recipe on the trainer's own step (`Trainer.train_step`, timed through
     its hooks and the model's sections); returns its measurements (every rank; rank 0 reports)."""
     from ..tasks.pretrain import PretrainTask
     from ..train.trainer import Trainer
     from .recipes import recipe_ops
 
-    c = _recipe_config(cfg, recipe)
+    c = _recipe_config(cfg, recipe, patch_dropout)
+    if c.train.compile:
+        if warmup < 1:
+            raise ConfigError("the ours+compile recipe needs --warmup >= 1 (compilation happens there)")
+        # A fresh model per repeat: without a reset, dynamo would add guards for each new instance of the
+        # same block code until its recompile limit, then run the rest eagerly and time the wrong thing.
+        torch._dynamo.reset()
     batch = c.train.batch_size
     timer = SectionTimer(device)
-    trainer = Trainer(c, PretrainTask(c, ops=recipe_ops(recipe)), hooks=timer)
+    trainer = Trainer(
+        c, PretrainTask(c, ops=recipe_ops("reference" if recipe == "reference" else "ours")), hooks=timer
+    )
     trainer.setup(with_data=False, tokens={"pad": 0, "cls": 2, "mask": 4})
     engine, model = trainer.engine, trainer.model
     model.train()
@@ -211,12 +250,37 @@ def run_recipe(cfg: Config, recipe: str, *, warmup: int, steps: int, device: tor
         "achieved_tflops_per_device": model_flops / step_s / 1e12,
         "mean_loss": sum(loss_vals) / len(loss_vals),
     }
+    if trainer.compile_counters is not None:
+        # graphs, graph breaks, recompilations and compile time (all in the warm-up steps)
+        res["compile"] = trainer.compile_counters.summary()
     model.sections = None
     del trainer, engine, model, data
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def _spread(values: list[float]) -> dict:
+    v = sorted(values)
+    return {
+        "min": v[0],
+        "median": v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2,
+        "max": v[-1],
+        "runs": values,
+    }
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The repeat with the median samples/s (the lower middle one for an even count), with the spread of
+    every repeat's samples/s and step time under `repeats_summary`."""
+    order = sorted(runs, key=lambda r: r["samples_per_s"])
+    out = dict(order[(len(order) - 1) // 2])
+    out["repeats_summary"] = {
+        "samples_per_s": _spread([r["samples_per_s"] for r in runs]),
+        "step_time_s": _spread([r["step_time_s"] for r in runs]),
+    }
+    return out
 
 
 def plot_breakdown(result: dict, path: Path) -> None:
@@ -235,7 +299,10 @@ def plot_breakdown(result: dict, path: Path) -> None:
             ms = r["breakdown_s"][k] * 1000
             ax.barh(row, ms, left=left, color=colors[j % len(colors)], label=k if row == 0 else None)
             left += ms
-        ax.text(left, row, f"  {r['samples_per_s']:.1f} samples/s", va="center", fontsize=8)
+        sp = r.get("repeats_summary", {}).get("samples_per_s")
+        spread = f" (min {sp['min']:.1f}, max {sp['max']:.1f})" if sp and len(sp["runs"]) > 1 else ""
+        mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+        ax.text(left, row, f"  {r['samples_per_s']:.1f} samples/s{spread}{mfu}", va="center", fontsize=8)
     ax.set_yticks(range(len(runs)), [r["recipe"] for r in runs])
     ax.set_xlabel("ms per optimizer step")
     ax.set_title(
@@ -259,14 +326,22 @@ def bench_throughput(
     peak_tflops: float = 0.0,
     tensorboard: bool = False,
     profile: bool = False,
+    repeats: int = 1,
+    patch_dropout: float = DEFAULT_PATCH_DROPOUT,
 ) -> dict:
     """Run the benchmark on this process's ranks (one process, or every rank of a launcher); rank 0 writes
-    `out` (JSON) and the PNG beside it, and returns the result."""
+    `out` (JSON) and the PNG beside it, and returns the result. Each recipe's entry is its median repeat
+    (by samples/s) with the spread of all repeats beside it (`repeats_summary`)."""
     from ..train.engine import init_distributed
     from ..train.runtime import resolve_device
 
     if warmup < 0 or steps < 1:
         raise ConfigError(f"--warmup must be >= 0 and --steps >= 1 (got {warmup}, {steps})")
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1 (got {repeats})")
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown or not recipes or len(set(recipes)) != len(recipes):
+        raise ConfigError(f"recipes {recipes}: expected distinct names among {', '.join(RECIPES)}")
     if out.suffix != ".json":
         raise ConfigError(f"--out {out} must end in .json (the plot is written beside it as .png)")
     info = world_info_from_env()
@@ -300,25 +375,53 @@ def bench_throughput(
             activities=[torch.profiler.ProfilerActivity.CPU]
             + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []),
         )
+    runs: dict[str, list[dict]] = {r: [] for r in recipes}
     with prof_ctx as prof:
-        for recipe in recipes:
-            log.info("benchmarking the %s recipe: %d warm-up + %d timed steps", recipe, warmup, steps)
-            r = run_recipe(cfg, recipe, warmup=warmup, steps=steps, device=device, info=info)
-            r["mfu"] = r["model_flops_per_step"] / r["step_time_s"] / peak if peak else None
-            result["recipes"].append(r)
-            log.info(
-                "%s: %.2f samples/s (%.2f per device), step %.1f ms, peak memory %.2f GB, MFU %s",
-                recipe,
-                r["samples_per_s"],
-                r["samples_per_s_per_device"],
-                r["step_time_s"] * 1000,
-                r["peak_mem_gb"],
-                f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
-            )
+        for rep in range(repeats):
+            for recipe in recipes:
+                log.info(
+                    "benchmarking the %s recipe (repeat %d/%d): %d warm-up + %d timed steps",
+                    recipe,
+                    rep + 1,
+                    repeats,
+                    warmup,
+                    steps,
+                )
+                r = run_recipe(
+                    cfg,
+                    recipe,
+                    warmup=warmup,
+                    steps=steps,
+                    device=device,
+                    info=info,
+                    patch_dropout=patch_dropout,
+                )
+                r["mfu"] = r["model_flops_per_step"] / r["step_time_s"] / peak if peak else None
+                r["repeat"] = rep
+                runs[recipe].append(r)
+                log.info(
+                    "%s: %.2f samples/s (%.2f per device), step %.1f ms, peak memory %.2f GB, MFU %s",
+                    recipe,
+                    r["samples_per_s"],
+                    r["samples_per_s_per_device"],
+                    r["step_time_s"] * 1000,
+                    r["peak_mem_gb"],
+                    f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
+                )
+    result["repeats"] = repeats
+    result["recipes"] = [_median_run(runs[r]) for r in recipes]
     result["params_trainable"] = result["recipes"][0]["params_trainable"]
-    by = {r["recipe"]: r for r in result["recipes"]}
-    if "ours" in by and "reference" in by:
-        result["speedup_vs_reference"] = by["ours"]["samples_per_s"] / by["reference"]["samples_per_s"]
+    # Ratios per repeat (both recipes of a ratio measured in the same round), then their spread.
+    ratios: dict[str, list[float]] = {}
+    for base in ("ours", "reference"):
+        for recipe in recipes:
+            if base in runs and recipe != base:
+                ratios[f"{recipe} / {base}"] = [
+                    a["samples_per_s"] / b["samples_per_s"] for a, b in zip(runs[recipe], runs[base])
+                ]
+    result["ratios"] = {k: _spread(v) for k, v in ratios.items()}
+    if "ours / reference" in result["ratios"]:
+        result["speedup_vs_reference"] = result["ratios"]["ours / reference"]["median"]
     if info.rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         if profile and prof is not None:
