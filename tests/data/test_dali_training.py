@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from albef_ds.cli import main
+from albef_ds.config import Config
 from albef_ds.data import ShardedEpochSampler
 from albef_ds.data.sampler import refill_batches
 
@@ -67,7 +68,7 @@ def _train_records(run: Path) -> list[dict]:
 
 def _expected_skips() -> int:
     """Bad samples the first STEPS refilled batches of the seeded epoch orders read."""
-    sampler = ShardedEpochSampler(GOOD + BAD, batch_size=BATCH, seed=0)
+    sampler = ShardedEpochSampler(GOOD + BAD, batch_size=BATCH, seed=Config().train.seed)  # the run's seed
     skips, steps, epoch = 0, 0, 0
     while steps < STEPS:
         sampler.set_epoch(epoch)
