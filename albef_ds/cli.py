@@ -369,7 +369,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Write the pairs of JSON lists ({image, caption: str | [str]}) as webdataset shards "
         "OUT/PREFIX-000000.tar, ... (webdataset's ShardWriter; per sample <key>.jpg|png|webp|bmp, <key>.txt "
         "with the first caption, <key>.json with every caption and the source path). Images that are "
-        "missing or not usable are left out and listed. Use the shards as data.train_file "
+        "missing or that the loaders would skip (the one usability check data validate applies too) are "
+        "left out, listed and counted. Use the shards as data.train_file "
         "(e.g. 'OUT/PREFIX-{000000..000009}.tar' or 'OUT/*.tar').",
     )
     s.add_argument("inputs", nargs="+", help="JSON list files")
@@ -379,13 +380,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
     s.add_argument("--prefix", default="shard", help="shard file name prefix")
+    s.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=89_478_485,
+        help="larger images are left out (data.max_image_pixels)",
+    )
     s.set_defaults(func=_cmd_shard)
     s = dsub.add_parser(
         "validate",
         help="find missing, unreadable and undecodable images in a data source",
-        description="Read and decode every image of JSON lists and/or webdataset shards (PIL, as the "
-        "reference loader) and report the missing, unreadable and undecodable ones with their paths and "
-        "the reason. Exit status 1 when any is found.",
+        description="Read and decode every image of JSON lists and/or webdataset shards (the usability check "
+        "both training loaders and data shard apply: header checks, PNG CRCs, a full PIL decode) and report "
+        "the missing, unreadable and undecodable ones with their paths and the reason. Exit status 1 when "
+        "any is found.",
     )
     s.add_argument(
         "inputs", nargs="+", help="JSON list files and/or shard specs ('a-{000..009}.tar', '*.tar')"
@@ -614,13 +622,18 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     from .data import load_annotations, write_shards
 
     entries = [e for f in args.inputs for e in load_annotations(f, args.image_root)]
-    res = write_shards(entries, args.out, shard_size=args.shard_size, prefix=args.prefix)
+    res = write_shards(
+        entries, args.out, shard_size=args.shard_size, prefix=args.prefix, max_pixels=args.max_image_pixels
+    )
     print(
         json.dumps(
             {"shards": len(res["shards"]), "written": res["written"], "skipped": res["skipped"]}, indent=2
         )
     )
-    print(f"{res['written']} samples in {len(res['shards'])} shard(s) under {args.out}")
+    print(
+        f"{res['written']} samples in {len(res['shards'])} shard(s) under {args.out}, "
+        f"{len(res['skipped'])} left out as unusable"
+    )
     return 0
 
 

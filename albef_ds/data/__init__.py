@@ -32,8 +32,8 @@ from .grounding import (
 )
 from .loaders import build_pretrain_loader, build_train_loader
 from .nlvr import NLVREvalSet, build_nlvr_train_loader, load_nlvr_records, pair_flip
-from .sampler import ShardedEpochSampler
-from .sources import ImageTextSource, open_source, validate_source, write_shards
+from .sampler import ShardedEpochSampler, refill_batches
+from .sources import ImageTextSource, check_image, open_source, validate_source, write_shards
 from .synth import generate_synthetic, synthetic_ready
 from .text import SPECIAL_TOKENS, TextTokenizer, clean_caption, train_wordpiece_vocab
 from .transforms import CLIP_MEAN, CLIP_STD, RandomAugment, apply_op, eval_transform, pretrain_transform
@@ -59,6 +59,8 @@ __all__ = [
     "RandomAugment",
     "RetrievalEvalSet",
     "ShardedEpochSampler",
+    "refill_batches",
+    "check_image",
     "TextTokenizer",
     "apply_op",
     "build_pretrain_loader",

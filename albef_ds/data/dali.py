@@ -10,12 +10,15 @@ Design (what makes the loader reproducible, resumable and crash-proof):
   RNG seeded by (seed, epoch, sample index) and fed to the pipeline as per-sample tensors; DALI only
   computes. A sample's view therefore depends on nothing else: same seed -> same batch, and a resumed run
   sees exactly the views an uninterrupted one would.
-* **Bad input never reaches the decoder**: one host thread reads each file, checks it with
-  `sources.inspect_image` (empty, not an image, truncated, too large -> skipped and counted in the batch's
-  `num_skipped`), decodes formats DALI would decode differently from PIL (16-bit PNG, GIF, TIFF, ...) with
-  PIL, cleans and tokenises the captions, one batch ahead of the training thread. Should the decoder still
-  fail on a batch (a stream corrupt in the middle), the batch is re-run sample by sample on a fresh
-  pipeline and the failing samples are skipped and counted.
+* **Bad input never reaches the decoder, and the usable images are the torch loader's**: host threads
+  (`num_threads`) read each file and apply `sources.check_image`, the one usability rule of both loaders,
+  `data shard` and `data validate` (header checks, PNG CRCs, a full PIL decode: about 2-3 ms per 640x480
+  JPEG per thread); a refused sample is skipped, its batch filled up from the next samples of the rank's
+  order (`sampler.refill_batches`) and counted in `num_skipped`. Formats DALI would decode differently from
+  PIL (16-bit PNG, GIF, TIFF, ...) are handed over as PIL's pixels (BMP). Captions are cleaned and
+  tokenised there too, one batch ahead of the training thread. Should the decoder still fail on a batch,
+  the batch is re-run sample by sample on a fresh pipeline, a failing image is fed again as PIL's pixels
+  (BMP), and only an image that fails even so is dropped (the batch is then short by it, counted).
 * **The text side is a hook object** (`CaptionText`, the default: one caption per image). It draws a
   sample's text before the crop window, finishes it once the flip is known (VQA swaps left/right in a
   flipped sample's question and answers: `vqa.VQAText`) and turns a batch's texts into tensors, so another
@@ -48,6 +51,7 @@ import math
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,8 +59,8 @@ import numpy as np
 import torch
 
 from .batch import empty_batch
-from .sampler import ShardedEpochSampler, sample_seed
-from .sources import DEFAULT_MAX_PIXELS, BadImage, ImageTextSource, decode_rgb, inspect_image
+from .sampler import ShardedEpochSampler, refill_batches, sample_seed
+from .sources import DEFAULT_MAX_PIXELS, BadImage, ImageTextSource, decode_checked, decode_rgb
 from .text import TextTokenizer, clean_caption
 from .transforms import CLIP_MEAN, CLIP_STD, MAX_LEVEL, TRANSLATE_CONST, RandomAugment, enhance_factor
 
@@ -327,17 +331,23 @@ class _Prepared:
 
 
 def dali_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int, int]:
-    """Encoded image -> (uint8 bytes DALI decodes to PIL's pixels, width, height); BadImage when unusable.
-    Formats DALI would decode differently (16-bit PNG, GIF, TIFF, ...) are decoded by PIL, the reference,
-    and handed over losslessly as BMP."""
-    check = inspect_image(data, max_pixels)
-    if not check.ok:
+    """Encoded image -> (uint8 bytes DALI decodes to PIL's pixels, width, height); BadImage when
+    `sources.check_image` refuses it (the torch loader's rule: both loaders train on the same images).
+    Formats DALI would decode differently (16-bit PNG, GIF, TIFF, ...) are handed over as PIL's pixels,
+    losslessly as BMP."""
+    check, img = decode_checked(data, max_pixels)  # the one rule the torch loader applies too
+    if img is None:
         raise BadImage(check.reason)
     if not check.dali_native:
-        buf = io.BytesIO()
-        decode_rgb(data, max_pixels).save(buf, format="BMP")
-        data = buf.getvalue()
+        data = _bmp(img)
     return np.frombuffer(data, dtype=np.uint8), check.width, check.height
+
+
+def _bmp(img) -> bytes:
+    """A PIL image as BMP bytes: DALI decodes them to exactly its pixels."""
+    buf = io.BytesIO()
+    img.save(buf, format="BMP")
+    return buf.getvalue()
 
 
 class CaptionText:
@@ -386,10 +396,12 @@ class DaliImageTextLoader:
 
     Iterating yields ``{"image": float [B, 3, S, S] on `device` in `dtype`, "input_ids", "attention_mask":
     long [B, L], "index": long [B], "num_skipped": int}`` (+ ``"idx"``: long [B] image ids when `with_idx`)
-    for the sampler's current epoch and start (`sampler.set_epoch`, `sampler.set_start`). B < batch_size
-    when images were skipped. `text` replaces the caption side (`CaptionText(tokenizer, max_words)`) by
-    another text side; its `tensors` then give the batch's keys between "image" and "index". A text side
-    with n = `images_per_sample` > 1 replaces "image" by "image0" .. "image<n-1>" (each [B, 3, S, S]).
+    for the sampler's current epoch and start (`sampler.set_epoch`, `sampler.set_start`): exactly
+    `sampler.batches_per_epoch` batches (less the start) of B = batch_size, refilled from the next samples
+    of the rank's order after unusable ones (B < batch_size only when DALI and the PIL fallback both fail).
+    `text` replaces the caption side (`CaptionText(tokenizer, max_words)`) by another text side; its
+    `tensors` then give the batch's keys between "image" and "index". A text side with
+    n = `images_per_sample` > 1 replaces "image" by "image0" .. "image<n-1>" (each [B, 3, S, S]).
     """
 
     def __init__(
@@ -441,7 +453,7 @@ class DaliImageTextLoader:
         self._pipe = None
 
     def __len__(self) -> int:
-        return -(-len(self.sampler) // self.batch_size)
+        return self.sampler.batches_per_epoch - self.sampler.start_batch
 
     # -- host side (runs on the prefetch thread) --
     def _read(self, i: int) -> list[tuple[np.ndarray, int, int]]:
@@ -463,20 +475,26 @@ class DaliImageTextLoader:
         flipped = bool(rng.random() < 0.5) if self.hflip else False
         return (0,), (flipped,), flipped
 
-    def _prepare(self, indices: list[int], epoch: int) -> _Prepared:
+    def _usable(self, i: int) -> list[tuple[np.ndarray, int, int]] | None:
+        """`_read`, or None (logged) when an image of sample i is unusable."""
+        try:
+            return self._read(i)
+        except (OSError, BadImage) as e:
+            logger.warning("skipping image %s (index %d): %s", self.source.name(i), i, e)
+            return None
+
+    def _prepare(
+        self, samples: list[tuple[int, list[tuple[np.ndarray, int, int]]]], epoch: int, skipped: int
+    ) -> _Prepared:
+        """Feeds and texts of a batch of usable samples ((index, `_read`'s images)); `skipped`: the unusable
+        samples the batch consumed."""
         feeds: dict[str, list[np.ndarray]] = {"encoded": [], "anchor": [], "shape": []}
         if self.hflip:
             feeds["flip"] = []
         for j in range(self.randaug_n):
             feeds[f"op{j}"], feeds[f"mat{j}"], feeds[f"fac{j}"] = [], [], []
-        kept, idx, names, texts, skipped = [], [], [], [], 0
-        for i in indices:
-            try:
-                images = self._read(i)
-            except (OSError, BadImage) as e:
-                logger.warning("skipping image %s (index %d): %s", self.source.name(i), i, e)
-                skipped += 1
-                continue
+        kept, idx, names, texts = [], [], [], []
+        for i, images in samples:
             rng = np.random.default_rng(sample_seed(self.seed, epoch, i))
             draft = self.text.draw(self.source, i, rng)
             # Draw order: text, the crop window of each image, the flips, each output image's RandAugment.
@@ -542,12 +560,28 @@ class DaliImageTextLoader:
         for r in rows:
             try:
                 parts[r] = self._run(prep.feeds, [r])
+                continue
             except RuntimeError as e:
                 self._pipe = None
+                why = str(e)[:200]
+            # check_image accepted this image, so the torch loader trains on it: feed PIL's pixels instead.
+            try:
+                pixels = decode_rgb(prep.feeds["encoded"][r].tobytes(), self.max_pixels)
+                prep.feeds["encoded"][r] = np.frombuffer(_bmp(pixels), np.uint8)
+                parts[r] = self._run(prep.feeds, [r])
                 logger.warning(
-                    "skipping image %s (index %d): DALI: %s",
+                    "image %s (index %d): DALI failed (%s); decoded by PIL instead",
                     prep.names[r // n],
                     prep.index[r // n],
+                    why,
+                )
+            except (RuntimeError, BadImage) as e:
+                self._pipe = None
+                logger.warning(
+                    "skipping image %s (index %d): DALI: %s; PIL fallback: %s",
+                    prep.names[r // n],
+                    prep.index[r // n],
+                    why,
                     str(e)[:200],
                 )
         kept = [s for s in samples if all(n * s + k in parts for k in range(n))]
@@ -582,25 +616,34 @@ class DaliImageTextLoader:
             batch["idx"] = torch.tensor(prep.idx, dtype=torch.long)[sel]
         return batch
 
+    def _checked(self, pool: ThreadPoolExecutor) -> Iterator[tuple[int, Any]]:
+        """(index, `_usable(index)`) along the sampler's stream, read and checked batch_size at a time on
+        the pool's threads (PIL releases the GIL while it decodes), in stream order."""
+        stream = self.sampler.stream()
+        while True:
+            chunk = [next(stream) for _ in range(self.batch_size)]
+            yield from zip(chunk, pool.map(self._usable, chunk))
+
     def __iter__(self) -> Iterator[dict]:
-        order = list(self.sampler)  # this rank's indices for the epoch, from its start batch on
-        epoch = self.sampler.epoch
-        chunks = [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        epoch, n = self.sampler.epoch, len(self)
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
         def produce() -> None:
             try:
-                for c in chunks:
-                    if stop.is_set():
-                        return
-                    item = self._prepare(c, epoch)
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                with ThreadPoolExecutor(self.num_threads, thread_name_prefix="dali-check") as pool:
+                    checked = self._checked(pool)
+                    batches = refill_batches(checked, self.batch_size, n, limit=self.sampler.per_rank)
+                    for samples, skipped in batches:
+                        if stop.is_set():
+                            return
+                        item = self._prepare(samples, epoch, skipped)
+                        while not stop.is_set():
+                            try:
+                                q.put(item, timeout=0.1)
+                                break
+                            except queue.Full:
+                                continue
             except BaseException as e:  # surfaced on the training thread
                 q.put(e)
                 return

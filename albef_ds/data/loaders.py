@@ -9,13 +9,14 @@ dataset, collator and DALI text side.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .datasets import ImageTextCollator, ImageTextDataset
-from .sampler import ShardedEpochSampler
+from .sampler import ShardedEpochSampler, refill_batches
 from .sources import ImageTextSource, open_source
 from .text import TextTokenizer
 from .transforms import pretrain_transform
@@ -93,6 +94,75 @@ class TextSideSamples(SampleKind):
         return self.text(tokenizer)
 
 
+class _Stream(Sampler[int]):
+    """The DataLoader's view of `ShardedEpochSampler.stream()` (endless: the loader stops reading it)."""
+
+    def __init__(self, sampler: ShardedEpochSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[int]:
+        return self.sampler.stream()
+
+
+def _as_list(samples: list) -> list:
+    return samples  # collation happens after refilling, in RefillLoader
+
+
+class RefillLoader:
+    """The torch backend's training loader: DataLoader workers read, decode and augment this rank's stream
+    of samples (`sampler.stream()`) in chunks of batch_size; unusable samples (the dataset's None) are
+    dropped and each batch is filled up from the next samples (`sampler.refill_batches`), so every batch
+    holds exactly batch_size samples and `num_skipped` says how many unusable ones it consumed. Yields
+    `sampler.batches_per_epoch` batches from the sampler's start. The collate_fn runs in this process on
+    the batch_size kept samples (it cannot run in a worker: a batch's members are known only once the
+    unusable samples before it are)."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: ShardedEpochSampler,
+        collate_fn,
+        *,
+        batch_size: int,
+        num_workers: int,
+        worker_init_fn=None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.collate_fn = collate_fn
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self._worker_init_fn = worker_init_fn
+        self._generator = generator
+
+    def __len__(self) -> int:
+        return self.sampler.batches_per_epoch - self.sampler.start_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        n = len(self)
+        if n <= 0:
+            return
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=_Stream(self.sampler),
+            num_workers=self.num_workers,
+            collate_fn=_as_list,
+            pin_memory=False,
+            persistent_workers=False,  # workers must be re-created per epoch to see the dataset's new epoch
+            worker_init_fn=self._worker_init_fn,
+            generator=self._generator,
+        )
+        chunks = iter(loader)
+        samples = ((-1 if s is None else s["index"], s) for chunk in chunks for s in chunk)
+        for kept, skipped in refill_batches(samples, self.batch_size, n, limit=self.sampler.per_rank):
+            batch = self.collate_fn([s for _, s in kept])
+            batch["num_skipped"] = skipped
+            yield batch
+        del samples, chunks  # shuts the workers down (they would go on reading the endless stream)
+
+
 class _WorkerSeeder:
     """worker_init_fn: torch already seeds `random` and torch per worker; seed numpy from the same base."""
 
@@ -167,15 +237,12 @@ def build_train_loader(
             drop_last=True,
             on_set_epoch=dataset.set_epoch,
         )
-        loader = DataLoader(
+        loader = RefillLoader(
             dataset,
+            sampler,
+            kind.collator(tokenizer, with_idx=with_idx),
             batch_size=batch_size,
-            sampler=sampler,
             num_workers=workers,
-            collate_fn=kind.collator(tokenizer, with_idx=with_idx),
-            drop_last=True,
-            pin_memory=False,
-            persistent_workers=False,  # workers must be re-created per epoch to see the dataset's new epoch
             worker_init_fn=_WorkerSeeder() if workers > 0 else None,
             generator=torch.Generator().manual_seed(seed + rank),  # worker base seeds, not the global RNG
         )

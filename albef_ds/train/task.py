@@ -81,8 +81,8 @@ class Task:
         raise NotImplementedError
 
     def train_loader(self, ctx: TaskContext):
-        """(loader, sampler): the loader yields batch dicts; the sampler has set_epoch, set_start and
-        batches_per_epoch (this rank's batches per epoch)."""
+        """(loader, sampler): the loader yields batch dicts; the sampler has set_epoch,
+        set_start(batches_done, skipped) and batches_per_epoch (this rank's batches per epoch)."""
         raise NotImplementedError
 
     def forward(self, call: Callable[..., Any], batch: dict, *, alpha: float) -> StepOutput:

@@ -215,10 +215,16 @@ class Trainer:
         self.best_path = self.out_dir / "checkpoint_best.pt"
         self.best_state: dict[str, torch.Tensor] | None = None
 
-        start_step, epoch, in_epoch, rng = 0, 0, 0, None
+        # epoch_skipped: unusable samples this rank's batches consumed this epoch (refilled batches read
+        # batch_size + skipped samples each): with in_epoch, this rank's position in its order.
+        start_step, epoch, in_epoch, epoch_skipped, resumed_skipped, rng = 0, 0, 0, 0, 0, None
         if self.tag:
             client, rng = self.ckpt.load(engine, self.tag)
             start_step, epoch, in_epoch = client["step"], client["epoch"], client["batches_in_epoch"]
+            if rng is not None:  # same rank count: this rank's saved position and skip count
+                saved_rank = rng.get("rank", {})
+                epoch_skipped = int(saved_rank.get("epoch_skipped", 0))
+                resumed_skipped = int(saved_rank.get("skipped", 0))
             if client["world_size"] != info.world_size:
                 # Another rank count: weights, AdamW moments (repartitioned by the universal checkpoint),
                 # momentum encoders and queues carry over; the epoch is re-split across the new ranks and
@@ -278,14 +284,15 @@ class Trainer:
         model.train()
         # Metrics accumulate on the device and are read every log_every steps: no host sync in between.
         window = LogWindow(task.log_names, self.device, world_size=info.world_size, start_step=start_step)
-        skipped = 0
+        skipped = resumed_skipped  # this rank's unusable images so far, the run's before a resume included
         seen: list[tuple[int, torch.Tensor]] = []  # (epoch, sample indices) this rank trained on
         batches = None
 
         def next_batch() -> dict:
-            nonlocal skipped
+            nonlocal skipped, epoch_skipped
             batch = next(batches)
             skipped += int(batch["num_skipped"])
+            epoch_skipped += int(batch["num_skipped"])
             n = task.batch_len(batch)
             if n < task.min_batch:
                 raise RuntimeError(
@@ -311,7 +318,9 @@ class Trainer:
                 "config": config_to_dict(cfg),
                 "eval": state,
             }
-            self.ckpt.save(engine, step_done, client)
+            self.ckpt.save(
+                engine, step_done, client, rank_state={"epoch_skipped": epoch_skipped, "skipped": skipped}
+            )
 
         o = cfg.optim
         peak_lr = scaled_lr(cfg, world_size=info.world_size)
@@ -323,7 +332,7 @@ class Trainer:
                 self.hooks.step_start(step)
                 if batches is None:
                     self.sampler.set_epoch(epoch)
-                    self.sampler.set_start(in_epoch)  # resumed mid-epoch: skip what was trained
+                    self.sampler.set_start(in_epoch, epoch_skipped)  # resumed mid-epoch: skip what was read
                     batches = iter(self.loader)
                 lr = lr_at(
                     step,
@@ -347,7 +356,7 @@ class Trainer:
                 ended = epoch
                 epoch_done = in_epoch + accum > self.sampler.batches_per_epoch
                 if epoch_done:
-                    epoch, in_epoch, batches = epoch + 1, 0, None
+                    epoch, in_epoch, epoch_skipped, batches = epoch + 1, 0, 0, None
                 every = task.eval_every()
                 if task.has_split("val") and (
                     (epoch_done and every > 0 and (ended + 1) % every == 0)

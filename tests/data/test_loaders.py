@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from albef_ds.config import DataConfig, SynthConfig
@@ -86,3 +89,76 @@ def test_loader_ranks_disjoint(small_synth: SynthConfig) -> None:
         idx.append(torch.cat([b["index"] for b in loader]).tolist())
     assert len(idx[0]) == len(idx[1]) == 32
     assert not set(idx[0]) & set(idx[1]) and len(set(idx[0]) | set(idx[1])) == 64
+
+
+def _list_with_bad_files(cfg: SynthConfig, tmp: Path) -> tuple[Path, set[int]]:
+    """The 64 synthetic pairs and 10 unusable files (13.5%) in one JSON list -> (list, bad indices)."""
+    out = Path(cfg.out_dir)
+    entries = [
+        {"image": str(out / e["image"]), "caption": e["caption"]}
+        for e in json.loads((out / "train.json").read_text())
+    ]
+    good = Path(entries[0]["image"]).read_bytes()
+    kinds = [good[: len(good) // 2], b"", b"<html>not found</html>" * 9]
+    rng = np.random.default_rng(0)
+    for k in range(10):
+        at = int(rng.integers(0, len(entries) + 1))
+        entries.insert(at, {"image": str(tmp / f"bad{k}.jpg"), "caption": "a bad file"})
+        (tmp / f"bad{k}.jpg").write_bytes(kinds[k % len(kinds)])
+    bad = {i for i, e in enumerate(entries) if Path(e["image"]).parent == tmp}
+    (tmp / "list.json").write_text(json.dumps(entries))
+    return tmp / "list.json", bad
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_bad_files_refill_batches_and_resume_exactly(
+    small_synth: SynthConfig, tmp_path: Path, backend
+) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    lst, bad = _list_with_bad_files(small_synth, tmp_path)
+    out = Path(small_synth.out_dir)
+    data = DataConfig(train_file=[str(lst)], tokenizer=str(out / "vocab.txt"), loader=backend, num_workers=1)
+    tok = TextTokenizer.from_path(data.tokenizer, max_tokens=data.max_tokens)
+
+    def build():
+        return build_pretrain_loader(data, tok, image_size=32, batch_size=2, seed=0, num_workers=0)
+
+    loader, sampler = build()
+    sampler.set_epoch(0)
+    batches = list(loader)
+    # Every batch is full (batch_size=2 used to leave 1 or 0 images, which stops a pre-training run), and
+    # the epoch has its usual number of batches.
+    assert len(batches) == sampler.batches_per_epoch == 37
+    assert [b["image"].shape[0] for b in batches] == [2] * 37
+    # The batches read this rank's order in sequence, skipping exactly the bad files, and say so; the
+    # last ones are filled from the start of the order.
+    order = sampler.rank_indices()
+    consumed = sum(2 + b["num_skipped"] for b in batches)
+    read = [order[k % len(order)] for k in range(consumed)]
+    assert [i for b in batches for i in b["index"].tolist()] == [i for i in read if i not in bad]
+    assert sum(b["num_skipped"] for b in batches) == sum(i in bad for i in read) >= 10
+    # A resume after the first refilled batch (position = batches done + the skips they consumed) gives
+    # the uninterrupted run's batches: same samples, same augmented pixels, same tokens.
+    k = next(n for n, b in enumerate(batches) if b["num_skipped"]) + 1
+    loader2, sampler2 = build()
+    sampler2.set_epoch(0)
+    sampler2.set_start(k, sum(b["num_skipped"] for b in batches[:k]))
+    resumed = list(loader2)
+    assert len(resumed) == 37 - k
+    assert all(_same(a, b) and a["num_skipped"] == b["num_skipped"] for a, b in zip(resumed, batches[k:]))
+
+
+def test_refill_gives_up_on_unusable_data(tmp_path: Path, small_synth: SynthConfig) -> None:
+    entries = [{"image": f"bad{k}.jpg", "caption": "x"} for k in range(8)]
+    for k in range(8):
+        (tmp_path / f"bad{k}.jpg").write_bytes(b"")
+    (tmp_path / "list.json").write_text(json.dumps(entries))
+    data = DataConfig(
+        train_file=[str(tmp_path / "list.json")], tokenizer=str(Path(small_synth.out_dir) / "vocab.txt")
+    )
+    tok = TextTokenizer.from_path(data.tokenizer, max_tokens=data.max_tokens)
+    loader, sampler = build_pretrain_loader(data, tok, image_size=32, batch_size=2, seed=0, num_workers=0)
+    sampler.set_epoch(0)
+    with pytest.raises(RuntimeError, match="8 unusable samples while filling one batch of 2"):
+        next(iter(loader))

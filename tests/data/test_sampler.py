@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from albef_ds.data import ShardedEpochSampler
-from albef_ds.data.sampler import sample_seed
+from albef_ds.data.sampler import refill_batches, sample_seed
 
 
 def _shares(
@@ -58,6 +58,26 @@ def test_sampler_set_start_skips_batches() -> None:
     assert len(s) == 48
     with pytest.raises(ValueError):
         s.set_start(7)
+
+
+def test_stream_and_refill_batches() -> None:
+    s = ShardedEpochSampler(20, rank=1, world_size=2, seed=0, batch_size=3)  # 18 used, 9 per rank
+    s.set_epoch(0)
+    order = s.rank_indices()
+    s.set_start(2, skipped=1)  # 2 batches that read 3 + 3 usable samples and 1 unusable one
+    stream = s.stream()
+    assert [next(stream) for _ in range(6)] == order[7:] + order[:4]  # on from position 7, then cyclic
+    bad = set(order[1::3])
+    s.set_start(0)
+    items = ((i, None if i in bad else i) for i in s.stream())
+    batches = list(refill_batches(items, 3, s.batches_per_epoch, limit=9))
+    good = [i for i in order + order if i not in bad]
+    assert [[i for i, _ in b] for b, _ in batches] == [good[0:3], good[3:6], good[6:9]]
+    assert [k for _, k in batches] == [1, 2, 1]  # unusable samples each batch read
+    with pytest.raises(RuntimeError, match="4 unusable samples while filling one batch of 3"):
+        list(refill_batches(((i, None) for i in s.stream()), 3, 1, limit=4))
+    with pytest.raises(ValueError, match="skipped"):
+        s.set_start(1, skipped=-1)
 
 
 def test_sampler_rejects_too_few_samples() -> None:

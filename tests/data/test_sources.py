@@ -23,6 +23,7 @@ from albef_ds.data.sources import (
     inspect_image,
     open_source,
     validate_source,
+    write_shards,
 )
 
 dali = pytest.importorskip("nvidia.dali")
@@ -146,12 +147,13 @@ def test_bad_images_are_skipped_and_counted(bad_set: Path, vocab_file: Path, loa
     with caplog.at_level(logging.WARNING):
         (batch,) = list(ld)
     bad = {"truncated.jpg", "zero.jpg", "text.jpg", "corrupt.png", "huge.jpg", "missing.jpg"}
-    assert batch["num_skipped"] == len(bad)
-    assert batch["image"].shape == (13 - len(bad), 3, 32, 32)
+    # The 7 usable pairs, then refilled from the start of the order (bad files met again, counted again).
+    assert batch["num_skipped"] >= len(bad)
+    assert batch["image"].shape == (13, 3, 32, 32)
     assert torch.isfinite(batch["image"]).all()
     src = open_source([str(bad_set / "list.json")])
-    kept = {Path(src.name(i)).name for i in batch["index"].tolist()}
-    assert kept == {n for n in _bad_kinds() if n not in bad}
+    kept = [Path(src.name(i)).name for i in batch["index"].tolist()]
+    assert set(kept[:7]) == {n for n in _bad_kinds() if n not in bad} == set(kept)
     for name in bad:  # every skipped file is logged with its path
         assert any(name in r.getMessage() for r in caplog.records), name
 
@@ -227,11 +229,11 @@ def test_data_shard_command_roundtrip(bad_set: Path, tmp_path: Path, vocab_file:
     rc = main(["data", "shard", str(bad_set / "list.json"), "-o", str(tmp_path / "sh"), "--shard-size", "3"])
     assert rc == 0
     out = capsys.readouterr().out
-    # 13 entries: the missing, zero-byte, text and truncated files are left out (huge is fine at the
-    # default limit; the CRC-corrupt PNG passes the header check and is left to the loaders to skip).
-    assert "9 samples in 3 shard(s)" in out
+    # 13 entries: the missing, zero-byte, text, truncated and corrupt files are left out, as the loaders
+    # would skip them (huge is fine at the default limit).
+    assert "8 samples in 3 shard(s)" in out and "5 left out as unusable" in out
     src = open_source([str(tmp_path / "sh" / "shard-*.tar")])
-    assert len(src) == 9
+    assert len(src) == 8
     lst = open_source([str(bad_set / "list.json")])
     by_cap = {lst.caption(i): lst.read(i) for i in range(len(lst)) if Path(lst.name(i)).name != "missing.jpg"}
     for i in range(len(src)):
@@ -253,7 +255,7 @@ def test_data_shard_command_roundtrip(bad_set: Path, tmp_path: Path, vocab_file:
         ld, sampler = build_pretrain_loader(data, tok, image_size=32, batch_size=4, seed=0)
         sampler.set_epoch(0)
         batches = list(ld)
-        assert len(batches) == 2 and sum(b["num_skipped"] for b in batches) <= 1  # only the corrupt PNG
+        assert len(batches) == 2 and sum(b["num_skipped"] for b in batches) == 0  # shards hold usable images
 
 
 def test_missing_and_empty_sources_are_clear_errors(tmp_path: Path) -> None:
@@ -276,3 +278,56 @@ def test_missing_and_empty_sources_are_clear_errors(tmp_path: Path) -> None:
         pass
     with pytest.raises(ValueError, match="hold no image-text pairs"):
         open_source([str(tmp_path / "empty.tar")])
+
+
+def _disagreeing_kinds() -> dict[str, bytes]:
+    """Files the two decoders used to judge differently: libpng (DALI) refuses a PNG whose IDAT CRC is
+    wrong (pixel data intact), which PIL's load() decodes; libjpeg in PIL raises on a marker inside the
+    entropy-coded data ("Unsupported marker type 0xb0"), which DALI's decoder passes over."""
+    img = _photo()
+    png = bytearray(_enc(img, "PNG"))
+    at = png.index(b"IDAT")
+    length = int.from_bytes(png[at - 4 : at], "big")
+    png[at + 4 + length] ^= 0xFF  # the first byte of the IDAT CRC
+    jpeg = bytearray(_enc(img, "JPEG", quality=90))
+    mid = (jpeg.rindex(b"\xff\xda") + len(jpeg)) // 2
+    jpeg[mid : mid + 2] = b"\xff\xb0"
+    return {"crc.png": bytes(png), "marker.jpg": bytes(jpeg)}
+
+
+def test_one_usability_rule_for_loaders_shard_and_validate(tmp_path: Path, vocab_file: Path) -> None:
+    bad = _disagreeing_kinds()
+    entries = []
+    for k in range(6):
+        name = f"good{k}.{'png' if k % 2 else 'jpg'}"
+        (tmp_path / name).write_bytes(_enc(_photo(seed=k), "PNG" if k % 2 else "JPEG", quality=90))
+        entries.append({"image": name, "caption": f"good picture {k}"})
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+        entries.append({"image": name, "caption": "a broken picture"})
+    (tmp_path / "list.json").write_text(json.dumps(entries))
+    names = {e["image"] for e in entries}
+    skipped: dict[str, set[str]] = {}
+    src = open_source([str(tmp_path / "list.json")])
+    for loader in ("torch", "dali"):
+        data = DataConfig(
+            train_file=[str(tmp_path / "list.json")], tokenizer=str(vocab_file), loader=loader, num_workers=0
+        )
+        tok = TextTokenizer.from_path(data.tokenizer, max_tokens=data.max_tokens)
+        ld, sampler = build_pretrain_loader(data, tok, image_size=32, batch_size=2, seed=0)
+        sampler.set_epoch(0)
+        trained = {Path(src.name(i)).name for b in ld for i in b["index"].tolist()}
+        skipped[loader] = names - trained
+    rep = validate_source(src, threads=1, progress=False)
+    skipped["validate"] = {Path(n).name for n, _ in rep["undecodable"]}
+    res = write_shards(
+        [{"image": str(tmp_path / e["image"]), "caption": e["caption"]} for e in entries],
+        tmp_path / "sh",
+        progress=False,
+    )
+    skipped["shard"] = {Path(p).name for p, _ in res["skipped"]}
+    assert skipped == {k: set(bad) for k in ("torch", "dali", "validate", "shard")}
+    from albef_ds.data.sources import check_image  # the one rule all four apply
+
+    assert "CRC" in check_image(bad["crc.png"]).reason or "checksum" in check_image(bad["crc.png"]).reason
+    assert not check_image(bad["marker.jpg"]).ok and check_image(_enc(_photo(), "PNG")).ok

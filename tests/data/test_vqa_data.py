@@ -316,7 +316,9 @@ def _check_batches(batches: list[dict], records: list[dict], ids: dict[str, int]
     assert seen_black == {"left", "right"}  # both flipped and unflipped views occurred
     assert (changed > 0) == swap  # with the option off the text never changes
     epochs = len(batches) // 4
-    assert skipped == 2 * epochs and n == 30 * epochs  # every epoch meets both unusable images
+    # Every epoch meets both unusable images (and may meet them again refilling its last batch); batches
+    # are refilled to 8, so the 4 batches of an epoch hold 32 questions.
+    assert skipped >= 2 * epochs and n == 32 * epochs
 
 
 @pytest.mark.parametrize("swap", [True, False])

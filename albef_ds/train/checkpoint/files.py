@@ -2,6 +2,7 @@
 
 Layout of a run folder:
     checkpoints/<tag>/...          engine state (ours: state.pt; DeepSpeed: its own files) + rng_rank<N>.pt
+                                   (the rank's RNG states and, under "rank", its data position)
     checkpoints/<tag>/albef_ds.json  our client state (step, epoch, position, world size, config) as JSON
     checkpoints/latest             the tag of the newest *complete* checkpoint (written last, atomically)
     checkpoints/universal/<tag>    DeepSpeed universal conversion of <tag>, made when resuming on another

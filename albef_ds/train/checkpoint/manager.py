@@ -189,13 +189,16 @@ class CheckpointManager:
         return read_client(self.root / tag)
 
     # ------------------------------------------------------------------------------------ save and load
-    def save(self, engine, step: int, client: dict) -> str:
-        """Every rank: the engine's state and its RNG state; rank 0: the client file; then, once every rank
-        has written its part (barrier), rank 0 writes the manifest (a sha256 per file), moves `latest` and
-        drops checkpoints beyond keep_last."""
+    def save(self, engine, step: int, client: dict, rank_state: dict | None = None) -> str:
+        """Every rank: the engine's state and its RNG state (with `rank_state`, this rank's own ints: its
+        data position); rank 0: the client file; then, once every rank has written its part (barrier),
+        rank 0 writes the manifest (a sha256 per file), moves `latest` and drops checkpoints beyond
+        keep_last."""
         tag = step_tag(step)
         engine.save(self.root, tag, client)
-        atomic_torch_save(rng_state(), self.root / tag / f"rng_rank{self.rank}.pt")
+        atomic_torch_save(
+            {**rng_state(), "rank": rank_state or {}}, self.root / tag / f"rng_rank{self.rank}.pt"
+        )
         if self.rank == 0:
             write_client(self.root / tag, client)
         engine.barrier()
@@ -206,9 +209,10 @@ class CheckpointManager:
         return tag
 
     def load(self, engine, tag: str) -> tuple[dict, dict | None]:
-        """(client state, this rank's RNG state or None) of `tag`, loaded into `engine`. The RNG state is
-        only returned for a checkpoint of the same rank count (another count draws other streams anyway).
-        A rank that fails tells the others (gather): every rank raises the same CheckpointError."""
+        """(client state, this rank's RNG state or None) of `tag`, loaded into `engine`. The RNG state (its
+        "rank" entry: the `rank_state` saved) is only returned for a checkpoint of the same rank count
+        (another count draws other streams and splits the data otherwise anyway). A rank that fails tells
+        the others (gather): every rank raises the same CheckpointError."""
         error = None
         client: dict = {}
         rng = None
