@@ -183,11 +183,14 @@ def itc_gpu() -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------- EMA
+MODEL_CONFIG = "configs/pretrain_4m.yaml"  # whose momentum tensors the EMA benchmark updates
+
+
 def albef_base_momentum_shapes() -> list[tuple[int, ...]]:
     from albef_ds.config import load_config
     from albef_ds.model import ALBEFPretrain
 
-    cfg = load_config(ROOT / "configs/pretrain_4m.yaml", ["model.vit_init=", "model.bert_init="])
+    cfg = load_config(ROOT / MODEL_CONFIG, ["model.vit_init=", "model.bert_init="])
     with torch.device("meta"):
         model = ALBEFPretrain(cfg.model, special_tokens={"pad": 0, "cls": 101, "mask": 103})
     moms, _ = model.momentum_pairs()
@@ -214,7 +217,7 @@ def interleaved_times(fns: dict, device: str, repeats: int) -> dict:
 def ema_bench(device: str, repeats: int) -> list[dict]:
     shapes = albef_base_momentum_shapes()
     numel = sum(int(torch.Size(s).numel()) for s in shapes)
-    log(f"[ema] ALBEF-base: {len(shapes)} momentum tensors, {numel / 1e6:.1f}M elements, on {device}")
+    log(f"[ema] {MODEL_CONFIG}: {len(shapes)} momentum tensors, {numel / 1e6:.1f}M elements, on {device}")
     bandwidth = next(
         (v for k, v in BANDWIDTH.items() if device == "cuda" and k in torch.cuda.get_device_name()), None
     )
@@ -316,7 +319,16 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--ema-repeats", type=int, default=7)
     ap.add_argument("--skip-ema", action="store_true")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the same code at tiny sizes (B in {4, 8}, Q = 256, the debug model's EMA, 1 repeat): checks "
+        "the script in seconds on a CPU before GPU minutes are spent on it",
+    )
     args = ap.parse_args(argv)
+    global BATCHES, QUEUE, MODEL_CONFIG
+    if args.dry_run:
+        BATCHES, QUEUE, MODEL_CONFIG, args.ema_repeats = (4, 8), 256, "configs/debug.yaml", 1
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     out = args.out or ROOT / "benchmarks" / "results" / f"kernels_{device}.json"
@@ -327,6 +339,9 @@ def main(argv=None) -> int:
         else f"cpu ({platform.processor() or platform.machine()})",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "dry_run": args.dry_run,
+        "queue": QUEUE,
+        "ema_model": MODEL_CONFIG,
         "itc_memory_model": itc_memory_model(device),
         "itc_gpu": [],
         "ema": [],

@@ -165,6 +165,32 @@ def _recipe_config(cfg: Config, recipe: str, patch_dropout: float = DEFAULT_PATC
     return c
 
 
+def build_recipe(
+    cfg: Config,
+    recipe: str,
+    device: torch.device,
+    *,
+    patch_dropout: float = DEFAULT_PATCH_DROPOUT,
+    hooks: StepHooks | None = None,
+):
+    """(trainer set up without data, the recipe's config, synthetic batches on the device) for one recipe:
+    what the benchmark times and `benchmarks/sync_debug.py` runs under CUDA's sync debug mode."""
+    from ..tasks.pretrain import PretrainTask
+    from ..train.trainer import Trainer
+    from .recipes import recipe_ops
+
+    c = _recipe_config(cfg, recipe, patch_dropout)
+    if c.train.compile:
+        # A fresh model per repeat: without a reset, dynamo would add guards for each new instance of the
+        # same block code until its recompile limit, then run the rest eagerly and time the wrong thing.
+        torch._dynamo.reset()
+    ops = recipe_ops("reference" if recipe == "reference" else "ours")
+    trainer = Trainer(c, PretrainTask(c, ops=ops), hooks=hooks)
+    trainer.setup(with_data=False, tokens={"pad": 0, "cls": 2, "mask": 4})
+    trainer.model.train()
+    return trainer, c, _synthetic_batches(c, c.train.batch_size, device, trainer.engine.input_dtype)
+
+
 def run_recipe(
     cfg: Config,
     recipe: str,
@@ -177,28 +203,14 @@ def run_recipe(
 ) -> dict:
     """Build, warm up and time one recipe on the trainer's own step (`Trainer.train_step`, timed through
     its hooks and the model's sections); returns its measurements (every rank; rank 0 reports)."""
-    from ..tasks.pretrain import PretrainTask
-    from ..train.trainer import Trainer
-    from .recipes import recipe_ops
-
-    c = _recipe_config(cfg, recipe, patch_dropout)
-    if c.train.compile:
-        if warmup < 1:
-            raise ConfigError("the ours+compile recipe needs --warmup >= 1 (compilation happens there)")
-        # A fresh model per repeat: without a reset, dynamo would add guards for each new instance of the
-        # same block code until its recompile limit, then run the rest eagerly and time the wrong thing.
-        torch._dynamo.reset()
-    batch = c.train.batch_size
+    if recipe == "ours+compile" and warmup < 1:
+        raise ConfigError("the ours+compile recipe needs --warmup >= 1 (compilation happens there)")
     timer = SectionTimer(device)
-    trainer = Trainer(
-        c, PretrainTask(c, ops=recipe_ops("reference" if recipe == "reference" else "ours")), hooks=timer
-    )
-    trainer.setup(with_data=False, tokens={"pad": 0, "cls": 2, "mask": 4})
+    trainer, c, data = build_recipe(cfg, recipe, device, patch_dropout=patch_dropout, hooks=timer)
+    batch = c.train.batch_size
     engine, model = trainer.engine, trainer.model
-    model.train()
     model.sections = timer.section
     n_params = sum(p.numel() for p in model.parameters())
-    data = _synthetic_batches(c, batch, device, engine.input_dtype)
     losses = []
     t0 = 0.0
     for i in range(warmup + steps):
