@@ -154,6 +154,23 @@ def signal_ranks_at(
 FT_CFG = str(ROOT / "configs/finetune_debug.yaml")
 
 
+def tiny_synth_set(folder: Path, *, num_train: int = 64, num_eval: int = 10) -> list[str]:
+    """`albef-ds data synth` of a tiny image-text set into `folder`; returns the overrides that point a
+    debug-config run's data.* (train and eval lists, tokenizer) at it."""
+    from albef_ds.cli import main
+
+    ov = [
+        f"data.synth.out_dir={folder}",
+        f"data.synth.num_train={num_train}",
+        f"data.synth.num_eval={num_eval}",
+        f"data.train_file=[{folder / 'train.json'}]",
+        f"data.eval_file={folder / 'eval.json'}",
+        f"data.tokenizer={folder / 'vocab.txt'}",
+    ]
+    assert main(["data", "synth", "--config", str(ROOT / "configs/debug.yaml"), *ov]) == 0
+    return ov
+
+
 def small_karpathy_set(tmp: Path) -> list[str]:
     """96 training images (3 captions each) and 16 held-out ones (val + test) under `tmp`; returns the
     config overrides that point data.* and finetune.* at them, with a randomly initialised model (the

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from albef_ds.cli import main
 from albef_ds.train.runtime import EXIT_PREEMPTED
-from tests.helpers import launch_deepspeed
+from tests.helpers import launch_deepspeed, tiny_synth_set
 from tests.train.checkpoint.damage import forge_manifest, plant_payload, truncate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,13 +35,8 @@ def _launch(ranks: int, overrides: list[str]):
 def run(tmp_path_factory):
     """(run folder with checkpoints step 1 and step 2 of a 2-rank run, its overrides)."""
     tmp = tmp_path_factory.mktemp("dsintegrity")
-    d = tmp / "synth"
-    ov = [f"data.synth.out_dir={d}", "data.synth.num_train=64", "data.synth.num_eval=10"]
-    assert main(["data", "synth", "--config", CFG, *ov]) == 0
     common = [
-        f"data.train_file=[{d / 'train.json'}]",
-        f"data.eval_file={d / 'eval.json'}",
-        f"data.tokenizer={d / 'vocab.txt'}",
+        *tiny_synth_set(tmp / "synth"),
         "train.batch_size=8",
         "train.max_steps=3",
         "train.save_every=1",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from albef_ds.cli import main
+from tests.helpers import tiny_synth_set
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = str(ROOT / "configs/debug.yaml")
@@ -22,13 +23,8 @@ def _train_records(run: Path) -> dict[int, dict]:
 
 
 def test_evaluation_at_start_leaves_the_training_unchanged(tmp_path):
-    d = tmp_path / "set"
-    ov = [f"data.synth.out_dir={d}", "data.synth.num_train=64", "data.synth.num_eval=16"]
-    assert main(["data", "synth", "--config", CFG, *ov]) == 0
     common = [
-        f"data.train_file=[{d / 'train.json'}]",
-        f"data.eval_file={d / 'eval.json'}",
-        f"data.tokenizer={d / 'vocab.txt'}",
+        *tiny_synth_set(tmp_path / "set", num_eval=16),
         "train.batch_size=8",
         "train.max_steps=4",
         "train.log_every=1",

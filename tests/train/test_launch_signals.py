@@ -18,9 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from albef_ds.cli import main
 from albef_ds.train.runtime import EXIT_PREEMPTED
-from tests.helpers import free_port
+from tests.helpers import free_port, tiny_synth_set
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = str(ROOT / "configs/debug.yaml")
@@ -31,17 +30,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def data_overrides(tmp_path_factory) -> list[str]:
-    synth = tmp_path_factory.mktemp("sig") / "synth"
-    ov = [
-        f"data.synth.out_dir={synth}",
-        "data.synth.num_train=64",
-        "data.synth.num_eval=10",
-        f"data.train_file=[{synth / 'train.json'}]",
-        f"data.eval_file={synth / 'eval.json'}",
-        f"data.tokenizer={synth / 'vocab.txt'}",
-    ]
-    assert main(["data", "synth", "--config", CFG, *ov]) == 0
-    return ov
+    return tiny_synth_set(tmp_path_factory.mktemp("sig") / "synth")
 
 
 def _run_and_signal(ov: list[str], run: Path, send) -> tuple[int, str, list[psutil.Process]]:

@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from albef_ds.cli import main
 from albef_ds.config import load_config
 from albef_ds.tasks.pretrain import PretrainTask
 from albef_ds.train.monitor import LogWindow
 from albef_ds.train.trainer import StepHooks, Trainer
-from tests.helpers import SPECIAL, free_port, tiny_model_config
+from tests.helpers import SPECIAL, free_port, tiny_model_config, tiny_synth_set
 from tests.sync_check import HostReadRecorder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,16 +45,7 @@ class StepTags(StepHooks):
 
 
 def test_fit_reads_nothing_to_the_host_between_log_steps(tmp_path):
-    synth = tmp_path / "synth"
-    data = [
-        f"data.synth.out_dir={synth}",
-        "data.synth.num_train=64",
-        "data.synth.num_eval=10",
-        f"data.train_file=[{synth / 'train.json'}]",
-        f"data.eval_file={synth / 'eval.json'}",
-        f"data.tokenizer={synth / 'vocab.txt'}",
-    ]
-    assert main(["data", "synth", "--config", CFG, *data]) == 0
+    data = tiny_synth_set(tmp_path / "synth")
     cfg = load_config(
         CFG,
         [
