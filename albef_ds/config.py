@@ -37,6 +37,12 @@ class VisionConfig:
     # sees every patch); 0 = off, ALBEF's recipe. In [0, 1).
     patch_dropout: float = 0.0
     patch_dropout_momentum: bool = False  # the momentum ViT sees the same kept patches (default: all of them)
+    # Start value of the (learnable) patch position embeddings of a randomly initialised ViT: "trunc_normal"
+    # (timm's and DeiT's std 0.02) or "sincos" (2-D sine-cosine, MAE's). Weights loaded from a checkpoint
+    # replace either. For small ViTs trained from scratch: with std 0.02 the debug ViT, even as a supervised
+    # classifier, cannot tell where an object is after 400 steps; with "sincos" it can (benchmarks/README.md,
+    # "What the debug model can learn").
+    pos_embed_init: str = "trunc_normal"
 
 
 @dataclass
@@ -423,6 +429,16 @@ class Config:
             raise ConfigError(
                 f"model.text.fusion_layer ({t.fusion_layer}) must lie in "
                 f"1..model.text.layers-1 ({t.layers - 1})"
+            )
+        if m.vision.pos_embed_init not in ("trunc_normal", "sincos"):
+            raise ConfigError(
+                "model.vision.pos_embed_init must be 'trunc_normal' or 'sincos', got "
+                f"{m.vision.pos_embed_init!r}"
+            )
+        if m.vision.pos_embed_init == "sincos" and m.vision.width % 4:
+            raise ConfigError(
+                f"model.vision.pos_embed_init 'sincos' needs model.vision.width divisible by 4, got "
+                f"{m.vision.width}"
             )
         if m.queue_size < 0:
             raise ConfigError(f"model.queue_size must be >= 0, got {m.queue_size}")

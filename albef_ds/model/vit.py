@@ -20,7 +20,7 @@ def build_vit(cfg: VisionConfig) -> VisionTransformer:
     State-dict keys are timm's (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.N.*`, `norm.*`),
     which are also the DeiT checkpoints' and the released ALBEF checkpoints' `visual_encoder.*` keys.
     """
-    return VisionTransformer(
+    vit = VisionTransformer(
         img_size=cfg.image_size,
         patch_size=cfg.patch_size,
         embed_dim=cfg.width,
@@ -33,6 +33,27 @@ def build_vit(cfg: VisionConfig) -> VisionTransformer:
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
         drop_path_rate=cfg.drop_path,
     )
+    if cfg.pos_embed_init == "sincos":
+        with torch.no_grad():
+            grid = cfg.image_size // cfg.patch_size
+            vit.pos_embed[0, vit.num_prefix_tokens :] = sincos_pos_embed(grid, cfg.width)
+    return vit
+
+
+def sincos_pos_embed(grid: int, width: int) -> torch.Tensor:
+    """(grid * grid, width) 2-D sine-cosine position embeddings in raster order: channels [0, width/2)
+    encode the row, [width/2, width) the column; each half is sin(p * w_k) then cos(p * w_k) for the
+    width/4 frequencies w_k = 10000^(-k / (width/4)). Values in [-1, 1], on the scale of the patch
+    embeddings from the first step (a std 0.02 start is drowned by them)."""
+    if width % 4:
+        raise ValueError(f"2-D sine-cosine position embeddings need a width divisible by 4, got {width}")
+    quarter = width // 4
+    freq = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (W/4,)
+    pos = torch.arange(grid, dtype=torch.float64)[:, None] * freq[None]  # (G, W/4)
+    axis = torch.cat([pos.sin(), pos.cos()], dim=1)  # (G, W/2): one axis' code per coordinate
+    rows = axis[:, None, :].expand(grid, grid, 2 * quarter)  # (G, G, W/2), by row index
+    cols = axis[None, :, :].expand(grid, grid, 2 * quarter)  # (G, G, W/2), by column index
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, width).float()
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:

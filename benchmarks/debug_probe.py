@@ -1,0 +1,293 @@
+"""What the debug ALBEF sees: per-attribute probes of a pre-trained checkpoint and of the bare debug ViT.
+
+Issue 16 asks why the debug recipe's ITM stays near chance and its re-rank loses to ITC. Two measurements:
+
+``attributes`` (a pre-trained checkpoint, the synthetic set's held-out split, whose records carry the
+generator's attributes). For every held-out image, a full caption "a {size} {colour} {shape} {at} on a {bg}
+background" is scored against one counterfactual per attribute (that attribute changed, the rest kept):
+
+* ITC: is the true caption's unit-feature similarity above the counterfactual's?
+* ITM: is its ITM positive logit above?
+* MLM: with that attribute's word masked, does the fusion encoder pick the right value among the
+  attribute's values (with the image, and with another image: the text-only control)?
+
+``vit`` (no checkpoint): the debug ViT trained from scratch as a plain classifier of one attribute (shape,
+position or colour) on the synthetic training images with the pre-training transform, for --steps steps;
+held-out accuracy with timm's position-embedding start (std 0.02) and with the 2-D sine-cosine start
+(`model.vision.pos_embed_init`), beside a three-layer CNN as the reference that the images carry the
+attribute.
+
+    python benchmarks/debug_probe.py attributes --config configs/debug.yaml \
+        --checkpoint runs/debug/albef.safetensors --out benchmarks/results/debug_attributes.json
+    python benchmarks/debug_probe.py vit --config configs/debug.yaml --steps 400 \
+        --out benchmarks/results/debug_vit_probe.json
+
+Each writes the JSON and a PNG beside it (bars per attribute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from albef_ds.config import load_config  # noqa: E402
+from albef_ds.data.evalset import RetrievalEvalSet  # noqa: E402
+from albef_ds.data.synth import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, contrasting_backgrounds  # noqa: E402
+from albef_ds.data.transforms import eval_transform, pretrain_transform  # noqa: E402
+from albef_ds.model.albef import ALBEFPretrain  # noqa: E402
+from albef_ds.model.vit import build_vit  # noqa: E402
+from albef_ds.train.checkpoint.weights import load_weights  # noqa: E402
+from albef_ds.train.runtime import build_tokenizer, special_tokens  # noqa: E402
+
+log = logging.getLogger("debug_probe")
+
+VALUES = {
+    "colour": list(COLOURS),
+    "shape": list(SHAPES),
+    "size": list(SIZES),
+    "position": list(POSITIONS),
+    "background": list(BACKGROUNDS),
+}
+_AT = {"top": "at the top", "middle": "in the middle", "bottom": "at the bottom"}
+
+
+def probe_caption(a: dict) -> str:
+    """The probe's full caption of an attribute record (every attribute named once, one word each)."""
+    return f"a {a['size']} {a['colour']} {a['shape']} {_AT[a['position']]} on a {a['background']} background"
+
+
+def counterfactual(a: dict, key: str, gen: torch.Generator) -> dict | None:
+    """`a` with `key` changed to another value the generator could have drawn (backgrounds: one that
+    contrasts with the object's colour); None when there is none."""
+    pool = contrasting_backgrounds([a["colour"]]) if key == "background" else VALUES[key]
+    others = [v for v in pool if v != a[key]]
+    if not others:
+        return None
+    return {**a, key: others[int(torch.randint(len(others), (1,), generator=gen))]}
+
+
+def _word_id(tok, word: str) -> int:
+    ids = tok([word])["input_ids"][0].tolist()
+    body = [i for i in ids if i not in (tok.cls_token_id, tok.pad_token_id, getattr(tok, "sep_token_id", -1))]
+    if len(body) != 1:
+        raise ValueError(f"the probe needs {word!r} to be one token of the vocabulary, got {body}")
+    return body[0]
+
+
+@torch.no_grad()
+def attribute_probe(cfg, checkpoint: str, *, seed: int = 0) -> dict:
+    tok = build_tokenizer(cfg)
+    model = ALBEFPretrain(cfg.model, special_tokens=special_tokens(tok))
+    load_weights(model, checkpoint, require="model")
+    model.eval()
+    records = json.loads(Path(cfg.data.eval_file).read_text())
+    if not records or "attributes" not in records[0]:
+        raise ValueError(f"{cfg.data.eval_file}: records without 'attributes' (not the synthetic set)")
+    ev = RetrievalEvalSet(cfg.data.eval_file, image_size=cfg.model.vision.image_size, max_words=30)
+    tokens, feats = [], []
+    cpu = torch.device("cpu")
+    for images, _ in ev.image_batches(0, ev.num_images, batch_size=100, device=cpu, num_workers=0):
+        t, f = model.encode_image(images)
+        tokens.append(t)
+        feats.append(f)
+    tokens, feats = torch.cat(tokens), torch.cat(feats)
+    gen = torch.Generator().manual_seed(seed)
+    counts = {k: {"itc": 0, "itm": 0, "mlm": 0, "mlm_other_image": 0, "pairs": 0} for k in VALUES}
+    word = {k: torch.tensor([_word_id(tok, v) for v in vals]) for k, vals in VALUES.items()}
+    n = len(records)
+    for i, rec in enumerate(records):
+        a = rec["attributes"]
+        alts = {k: counterfactual(a, k, gen) for k in VALUES}
+        keys = [k for k in VALUES if alts[k] is not None]
+        t = tok([probe_caption(a)] + [probe_caption(alts[k]) for k in keys])
+        states, tfeat = model.encode_text(t["input_ids"], t["attention_mask"])
+        itc = feats[i] @ tfeat.t()  # (1 + K,)
+        img = tokens[i : i + 1].expand(len(keys) + 1, -1, -1)
+        itm = model.itm_head(model.text_encoder.bert.fuse(states, t["attention_mask"], img)[:, 0])[:, 1]
+        other = tokens[(i + n // 2) % n : (i + n // 2) % n + 1]  # an unrelated image: the text-only control
+        for j, k in enumerate(keys, start=1):
+            c = counts[k]
+            c["pairs"] += 1
+            c["itc"] += int(itc[0] > itc[j])
+            c["itm"] += int(itm[0] > itm[j])
+            ids = t["input_ids"][:1].clone()
+            pos = int((ids[0] == word[k][VALUES[k].index(a[k])]).nonzero()[0, 0])
+            ids[0, pos] = tok.mask_token_id
+            for name, image in (("mlm", tokens[i : i + 1]), ("mlm_other_image", other)):
+                h = model.text_encoder.bert(ids, t["attention_mask"][:1], image)[0, pos]
+                pick = int(model.text_encoder.cls(h)[word[k]].argmax())
+                c[name] += int(VALUES[k][pick] == a[k])
+    out = {}
+    for k, c in counts.items():
+        p = max(c["pairs"], 1)
+        out[k] = {
+            "itc": 100.0 * c["itc"] / p,
+            "itm": 100.0 * c["itm"] / p,
+            "mlm": 100.0 * c["mlm"] / p,
+            "mlm_other_image": 100.0 * c["mlm_other_image"] / p,
+            "mlm_chance": 100.0 / len(VALUES[k]),
+            "pairs": c["pairs"],
+        }
+    return out
+
+
+def _conv_reference(classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, classes),
+    )
+
+
+class _ViTClassifier(nn.Module):
+    def __init__(self, vision_cfg, classes: int) -> None:
+        super().__init__()
+        self.vit = build_vit(vision_cfg)
+        self.head = nn.Linear(vision_cfg.width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.vit.forward_features(x)[:, 0])
+
+
+MODELS = ("vit_trunc_normal", "vit_sincos", "cnn_reference")
+
+
+def vit_probe(
+    cfg, attribute: str, *, steps: int, lr: float, batch: int, models=MODELS, seed: int = 0
+) -> dict:
+    """Held-out accuracy of a from-scratch classifier of `attribute`, per model, after `steps` steps."""
+    folder = Path(cfg.data.synth.out_dir)
+    train = json.loads((folder / "train.json").read_text())
+    held = json.loads((folder / "eval.json").read_text())
+    vals = VALUES[attribute]
+    size = cfg.model.vision.image_size
+    aug = pretrain_transform(
+        size, crop_scale=cfg.data.crop_scale, randaug_n=cfg.data.randaug_n, randaug_m=cfg.data.randaug_m
+    )
+    plain = eval_transform(size)
+
+    def load(recs, tf):
+        x = torch.stack([tf(Image.open(folder / r["image"]).convert("RGB")) for r in recs])
+        return x, torch.tensor([vals.index(r["attributes"][attribute]) for r in recs])
+
+    xe, ye = load(held, plain)
+    vc, n = cfg.model.vision, len(vals)
+    makers = {
+        "vit_trunc_normal": lambda: _ViTClassifier(dataclasses.replace(vc, pos_embed_init="trunc_normal"), n),
+        "vit_sincos": lambda: _ViTClassifier(dataclasses.replace(vc, pos_embed_init="sincos"), n),
+        "cnn_reference": lambda: _conv_reference(n),
+    }
+    out = {}
+    for name, make in ((m, makers[m]) for m in models):
+        torch.manual_seed(seed)
+        net = make()
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.02)
+        order = torch.Generator().manual_seed(seed)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            idx = torch.randint(len(train), (batch,), generator=order).tolist()
+            x, y = load([train[i] for i in idx], aug)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            acc = 100.0 * float((net(xe).argmax(1) == ye).float().mean())
+        out[name] = {"accuracy": acc, "final_loss": loss.item(), "seconds": time.perf_counter() - t0}
+        log.info("%s %s: %.1f%% after %d steps", attribute, name, acc, steps)
+    out["chance"] = 100.0 / len(vals)
+    return out
+
+
+def _plot(
+    groups: dict[str, dict[str, float]], title: str, path: Path, chance: dict[str, float], *, pairwise: bool
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(groups)
+    series = list(next(iter(groups.values())))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(names), 3.6))
+    w = 0.8 / len(series)
+    for j, s in enumerate(series):
+        ax.bar([i + j * w for i in range(len(names))], [groups[n][s] for n in names], w, label=s)
+    for i, n in enumerate(names):
+        ax.hlines(chance[n], i - w / 2, i + (len(series) - 0.5) * w, colors="k", linestyles="dotted")
+    if pairwise:
+        ax.axhline(50.0, color="grey", linestyle="dashed", linewidth=0.8)
+    ax.set_xticks([i + (len(series) - 1) * w / 2 for i in range(len(names))], names)
+    ax.set_ylabel("% correct (dotted: chance of a pick)")
+    ax.set_ylim(0, 122)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", ncol=len(series), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("attributes", help="ITC / ITM / MLM per attribute of a pre-trained checkpoint")
+    a.add_argument("--checkpoint", required=True)
+    v = sub.add_parser("vit", help="the bare debug ViT as a supervised attribute classifier")
+    v.add_argument("--attributes", nargs="+", default=["colour", "position", "shape"])
+    v.add_argument("--steps", type=int, default=400)
+    v.add_argument("--lr", type=float, default=5e-4)
+    v.add_argument("--batch", type=int, default=32)
+    v.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    for s in (a, v):
+        s.add_argument("--config", default=str(ROOT / "configs/debug.yaml"))
+        s.add_argument("--out", required=True)
+        s.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.what == "attributes":
+        res = attribute_probe(cfg, args.checkpoint)
+        doc = {"checkpoint": args.checkpoint, "eval_file": cfg.data.eval_file, "attributes": res}
+        groups = {k: {s: r[s] for s in ("itc", "itm", "mlm", "mlm_other_image")} for k, r in res.items()}
+        chance = {k: r["mlm_chance"] for k, r in res.items()}
+        title = (
+            "ITC / ITM: true caption above a one-attribute change (chance 50, dashed); MLM: the masked value"
+        )
+    else:
+        kw = dict(steps=args.steps, lr=args.lr, batch=args.batch, models=args.models)
+        res = {k: vit_probe(cfg, k, **kw) for k in args.attributes}
+        doc = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "probes": res}
+        groups = {k: {m: r[m]["accuracy"] for m in r if m != "chance"} for k, r in res.items()}
+        chance = {k: r["chance"] for k, r in res.items()}
+        title = f"supervised from scratch, {args.steps} steps of {args.batch}: held-out accuracy"
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    _plot(groups, title, out.with_suffix(".png"), chance, pairwise=args.what == "attributes")
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
