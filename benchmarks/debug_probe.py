@@ -89,6 +89,9 @@ def _word_id(tok, word: str) -> int:
 
 @torch.no_grad()
 def attribute_probe(cfg, checkpoint: str, *, seed: int = 0) -> dict:
+    """Per attribute of VALUES: % of held-out images whose true caption ITC / ITM score above its
+    counterfactual, and % whose masked attribute word MLM fills in right (with the image; with the image
+    half the split away). Needs the synthetic set's eval file (its records carry "attributes")."""
     tok = build_tokenizer(cfg)
     model = ALBEFPretrain(cfg.model, special_tokens=special_tokens(tok))
     load_weights(model, checkpoint, require="model")
