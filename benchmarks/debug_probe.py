@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from albef_ds.config import load_config  # noqa: E402
 from albef_ds.data.evalset import RetrievalEvalSet  # noqa: E402
-from albef_ds.data.synth import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, contrasting_backgrounds  # noqa: E402
+from albef_ds.data.synth import _AT, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, contrasting_backgrounds  # noqa: E402
 from albef_ds.data.transforms import eval_transform, pretrain_transform  # noqa: E402
 from albef_ds.model.albef import ALBEFPretrain  # noqa: E402
 from albef_ds.model.vit import build_vit  # noqa: E402
@@ -61,7 +61,6 @@ VALUES = {
     "position": list(POSITIONS),
     "background": list(BACKGROUNDS),
 }
-_AT = {"top": "at the top", "middle": "in the middle", "bottom": "at the bottom"}
 
 
 def probe_caption(a: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from albef_ds.config import ConfigError, load_config
 from albef_ds.model.albef import ALBEFPretrain
 from albef_ds.model.vit import build_vit, sincos_pos_embed
 from tests.helpers import SPECIAL, tiny_model_config
+
+DEBUG_CFG = str(Path(__file__).resolve().parents[2] / "configs/debug.yaml")
 
 
 def test_sincos_values_by_hand():
@@ -67,9 +70,9 @@ def test_the_momentum_vit_starts_from_the_same_sincos_embeddings():
 
 def test_config_refuses_an_unknown_init_and_a_width_not_divisible_by_4():
     with pytest.raises(ConfigError, match="model.vision.pos_embed_init must be"):
-        load_config("configs/debug.yaml", ["model.vision.pos_embed_init=learned"])
+        load_config(DEBUG_CFG, ["model.vision.pos_embed_init=learned"])
     with pytest.raises(ConfigError, match="divisible by 4"):
         load_config(
-            "configs/debug.yaml",
+            DEBUG_CFG,
             ["model.vision.pos_embed_init=sincos", "model.vision.width=90", "model.vision.heads=3"],
         )
