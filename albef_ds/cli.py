@@ -1,5 +1,5 @@
 """`albef-ds` command line: pretrain, finetune TASK, evaluate TASK, visualize grounding, export, bench
-throughput, data synth / synth-retrieval / synth-vqa / synth-nlvr2 / synth-ve / synth-grounding /
+throughput, data synth / synth-retrieval / synth-vqa / synth-nlvr2 / synth-ve / synth-ta / synth-grounding /
 convert-refer / shard / validate, launch slurm. Each sub-command names its function
 (`set_defaults(func=...)`)."""
 
@@ -297,16 +297,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data utilities", description="Data utilities.")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    s = dsub.add_parser(
+    _synth_parser(
+        dsub,
         "synth",
-        help="generate the synthetic image-text set (data.synth.*) if absent",
-        description="Write the embedded synthetic image-text set (JPEGs, train/eval JSON lists "
+        "generate the synthetic image-text set (data.synth.*) if absent",
+        "Write the embedded synthetic image-text set (JPEGs, train/eval JSON lists "
         "in the reference format, a WordPiece vocab.txt) into data.synth.out_dir. Skips the work "
         "when a complete set with the same settings is already there.",
+        func=_cmd_synth,
     )
-    _add_config_args(s)
-    s.add_argument("--force", action="store_true", help="regenerate even if a complete set exists")
-    s.set_defaults(func=_cmd_synth)
     s = dsub.add_parser(
         "synth-retrieval",
         help="the synthetic set in the Karpathy retrieval layout (finetune.*_file)",
@@ -316,28 +315,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_args(s)
     s.set_defaults(func=_cmd_synth_retrieval)
-    s = dsub.add_parser(
+    _synth_parser(
+        dsub,
         "synth-vqa",
-        help="synthetic VQA questions about generated images (vqa.synth.*), in the VQA v2 layout",
-        description="Write images of one to three objects with questions about colour, shape, size, "
+        "synthetic VQA questions about generated images (vqa.synth.*), in the VQA v2 layout",
+        "Write images of one to three objects with questions about colour, shape, size, "
         "horizontal position, count and presence, 10 human answers each (with realistic disagreement), "
         "train/val/test JSON lists in the ALBEF VQA layout and answer_list.json into vqa.synth.out_dir. "
         "Skips the work when a complete set with the same settings is there.",
+        func=_cmd_synth_vqa,
     )
-    _add_config_args(s)
-    s.add_argument("--force", action="store_true", help="regenerate even if a complete set exists")
-    s.set_defaults(func=_cmd_synth_vqa)
+    _synth_parser(
+        dsub,
+        "synth-ta",
+        "synthetic captions for NLVR2's text-assignment pre-training (nlvr.ta_synth.*)",
+        "Write images of one to three objects (the NLVR2 scenes), captions naming every object "
+        "by colour, in the pre-training layout (train.json with image, caption list, image_id) into "
+        "nlvr.ta_synth.out_dir. Skips the work when a complete set with the same settings is there.",
+        func=_cmd_synth_pairs,
+        what="ta",
+    )
     for name, what in (("synth-nlvr2", "nlvr"), ("synth-ve", "ve")):
-        s = dsub.add_parser(
+        _synth_parser(
+            dsub,
             name,
-            help=f"synthetic {what.upper()} examples about generated images ({what}.synth.*)",
-            description=f"Write generated images and statements about them "
+            f"synthetic {what.upper()} examples about generated images ({what}.synth.*)",
+            f"Write generated images and statements about them "
             f"({'NLVR2' if what == 'nlvr' else 'SNLI-VE'}), train/val/test JSON lists in the task's layout, "
             f"into {what}.synth.out_dir. Skips the work when a complete set with the same settings is there.",
+            func=_cmd_synth_pairs,
+            what=what,
         )
-        _add_config_args(s)
-        s.add_argument("--force", action="store_true", help="regenerate even if a complete set exists")
-        s.set_defaults(func=_cmd_synth_pairs, what=what)
     s = dsub.add_parser(
         "synth-grounding",
         help="synthetic referring expressions with boxes and proposals (grounding.synth.*)",
@@ -410,6 +418,14 @@ def _parser() -> argparse.ArgumentParser:
 
     add_launch_parser(sub)  # launch slurm
     return ap
+
+
+def _synth_parser(dsub, name: str, help: str, description: str, **defaults) -> None:
+    """A `data synth*` sub-command: --config, overrides, --force."""
+    s = dsub.add_parser(name, help=help, description=description)
+    _add_config_args(s)
+    s.add_argument("--force", action="store_true", help="regenerate even if a complete set exists")
+    s.set_defaults(**defaults)
 
 
 def _config(args: argparse.Namespace):
@@ -579,8 +595,13 @@ def _cmd_synth_pairs(args: argparse.Namespace) -> int:
     from .data import synth_pairs
 
     cfg = _config(args)
-    make = synth_pairs.generate_synthetic_nlvr2 if args.what == "nlvr" else synth_pairs.generate_synthetic_ve
-    out = make(getattr(cfg, args.what).synth, force=args.force)
+    if args.what == "ta":
+        out = synth_pairs.generate_synthetic_ta(cfg.nlvr.ta_synth, force=args.force)
+    else:
+        make = (
+            synth_pairs.generate_synthetic_nlvr2 if args.what == "nlvr" else synth_pairs.generate_synthetic_ve
+        )
+        out = make(getattr(cfg, args.what).synth, force=args.force)
     print(f"synthetic {args.what} set in {out}")
     return 0
 

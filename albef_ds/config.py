@@ -232,6 +232,8 @@ class PairSynthConfig:
     # Statement kinds to draw (NLVR2: synth_pairs.NLVR_TYPES; SNLI-VE: VE_TYPES, the entailment and
     # contradiction kinds, neutral always included); empty = all of them.
     kinds: list[str] = field(default_factory=list)
+    # How statements name objects: "shape" ("the circle") or "colour" ("the red shape"; synth_pairs.REFER_BY)
+    refer_by: str = "shape"
 
 
 @dataclass
@@ -246,6 +248,14 @@ class NLVRConfig:
     flip_swap: bool = True  # with p = 0.5 mirror the pair: images swapped, each mirrored, left/right swapped
     eval_every: int = 1
     synth: PairSynthConfig = field(default_factory=lambda: PairSynthConfig(out_dir="data/synth_nlvr2"))
+    # `albef-ds data synth-ta`: captions of the NLVR2 scenes for the debug text-assignment pre-training
+    # (configs/nlvr2_ta_debug.yaml reads its train.json as data.train_file); only num_train, image_size and
+    # seed are used.
+    ta_synth: PairSynthConfig = field(
+        default_factory=lambda: PairSynthConfig(
+            out_dir="data/synth_ta", num_train=4000, num_val=0, num_test=0
+        )
+    )
 
 
 @dataclass
@@ -603,17 +613,28 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"config key '{key}': unsupported annotation {tp!r}")  # a bug in this file
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
+        if key not in fields:
             where = f" in {source}" if source else ""
             raise ConfigError(
-                f"unknown config key '{dotted}'{where}; known keys here: {', '.join(sorted(names))}"
+                f"unknown config key '{dotted}'{where}; known keys here: {', '.join(sorted(fields))}"
             )
+        default = _field_default(fields[key])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            # A section given in part keeps this field's own defaults for the rest (e.g. nlvr.synth.out_dir
+            # "data/synth_nlvr2", not PairSynthConfig's "").
+            value = _merge(dataclasses.asdict(default), value)
         kwargs[key] = _coerce(value, hints[key], dotted, source)
     return cls(**kwargs)
 

@@ -40,6 +40,18 @@ def test_overrides_apply_with_types():
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0  # int widens to float
 
 
+def test_a_section_given_in_part_keeps_its_field_defaults(tmp_path):
+    """A nested section whose field has its own default (nlvr.synth: out_dir data/synth_nlvr2; nlvr.ta_synth:
+    4000 scenes, no val/test) keeps that default for every key an override or a YAML file leaves out."""
+    cfg = load_config(None, ["nlvr.synth.seed=3", "nlvr.ta_synth.out_dir=elsewhere"])
+    assert (cfg.nlvr.synth.seed, cfg.nlvr.synth.out_dir) == (3, "data/synth_nlvr2")
+    ta = cfg.nlvr.ta_synth
+    assert (ta.out_dir, ta.num_train, ta.num_val, ta.num_test) == ("elsewhere", 4000, 0, 0)
+    (tmp_path / "c.yaml").write_text("ve:\n  synth: {num_train: 9}\n")
+    ve = load_config(tmp_path / "c.yaml").ve.synth
+    assert (ve.num_train, ve.out_dir) == (9, Config().ve.synth.out_dir) and ve.out_dir
+
+
 @pytest.mark.parametrize(
     "override,match",
     [

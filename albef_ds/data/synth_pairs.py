@@ -1,4 +1,5 @@
-"""Generated NLVR2 and SNLI-VE sets: statements about images of one to three objects, in the tasks' layouts.
+"""Generated NLVR2 and SNLI-VE sets: statements about images of one to three objects, in the tasks' layouts;
+and captions of the same scenes for NLVR2's text-assignment pre-training.
 
 The images are `synth_vqa`'s scenes (`synth_vqa.sample_scene` / `render_scene`): 1-3 objects of distinct
 shapes and distinct colours, each in its own horizontal slot (left / middle / right), small or large, on a
@@ -36,6 +37,15 @@ images swapped, each mirrored, "left" <-> "right" in the text: `nlvr.pair_flip`)
 SNLI-VE positions are only "in the middle" and "between", which a horizontal flip keeps true: the VE
 loader flips images without touching the text, as the reference does.
 
+**Naming objects** (`synth.refer_by`): "shape" (the default, as above) or "colour": every statement then names
+objects by colour only ("the left image contains a red shape", "the blue shape is small", "the shape in the
+middle is green"), which the from-scratch debug ViT can check (it sees colour but not shape:
+benchmarks/README.md, "What the debug model can learn"). Colours are unique within a scene, so the reference
+stays unambiguous; the kinds and their balance are the same.
+
+**Text assignment** (`generate_synthetic_ta`): the scenes in the pre-training layout, captions naming every
+object by colour, some with its size ("there are two shapes, a red shape and a small blue shape").
+
 Words: all within the debug vocabulary's alphabet (the WordPiece vocab of `synth`'s captions lacks j, x, z,
 digits and a non-initial b), counts written as words; most are words of `synth`'s captions ("there is",
 "image", the shapes, colours and sizes).
@@ -71,9 +81,13 @@ SIDES = ("left", "right")  # the two images of an NLVR2 pair
 NLVR_TYPES = ("contains", "count", "more", "both", "size", "position")
 VE_TYPES = ("exists", "colour", "size", "count", "position")  # entailment and contradiction kinds
 VE_LABEL_NAMES = ("entailment", "neutral", "contradiction")
+# How statements name a present object: "shape" ("the circle", the default) or "colour" ("the red shape"):
+# the from-scratch debug ViT sees colour but not shape (benchmarks/README.md, "What the debug model can
+# learn"), so the debug recipes name objects by colour and every statement is one it can check.
+REFER_BY = ("shape", "colour")
 NEUTRAL_PREDICATES = ("is new", "is very old", "is heavy", "was drawn first", "is made of paper")
 WHERE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}  # a slot, in words
-_STREAMS = {"nlvr2": 11, "ve": 13}  # seed-stream keys (synth: [seed, split], synth_vqa: [seed, 7, split])
+_STREAMS = {"nlvr2": 11, "ve": 13, "ta": 17}  # seed-stream keys (synth: [seed, split], synth_vqa: [seed, 7, split])
 _MAX_TRIES = 1000  # scene draws per example before giving up (a feasible scene comes within a few)
 
 _NLVR_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -99,12 +113,20 @@ _VE_TEMPLATES: dict[str, tuple[str, ...]] = {
         "the image shows {a} {colour} {shape}",
     ),
     "colour": ("the {shape} is {colour}", "the {shape} in the image is {colour}"),
+    "exists_colour": ("there is {a} {colour} shape", "the image shows {a} {colour} shape"),
+    "colour_middle": ("the shape in the middle is {colour}", "the middle shape is {colour}"),
     "size": ("the {shape} is {size}", "the {colour} {shape} is {size}"),
     "count": ("there {are} {count} {shapes}", "the image shows {count} {shapes}"),
     "middle": ("the {shape} is in the middle", "the {shape} is in the middle of the image"),
     "between": ("the {shape} is between the {one} and the {other}",),
     "neutral": ("the {shape} {predicate}", "the {colour} {shape} {predicate}"),
 }
+_TA_TEMPLATES = (
+    "{listed}",
+    "the image shows {listed}",
+    "there {are} {count} {shapes}, {listed}",
+    "{listed} on {a_bg} {bg} background",
+)
 
 
 def _article(word: str) -> str:
@@ -134,13 +156,29 @@ def _count_fields(n: int) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- NLVR2
-def _nlvr_statement(kind: str, scenes: list[dict], want: bool, rng: np.random.Generator) -> str | None:
+def _noun(obj: dict, refer_by: str) -> str:
+    """How a statement names a present object: by its shape ("circle") or by its colour ("red shape");
+    either is unique within a scene."""
+    return obj["shape"] if refer_by == "shape" else f"{obj['colour']} shape"
+
+
+def _nlvr_statement(
+    kind: str, scenes: list[dict], want: bool, rng: np.random.Generator, refer_by: str = "shape"
+) -> str | None:
     """A statement of `kind` about the pair (left, right scenes), true iff `want`; None when these scenes
-    cannot carry it (the caller draws others)."""
+    cannot carry it (the caller draws others). Objects are named by `refer_by` (REFER_BY)."""
     objs = [s["objects"] for s in scenes]
     t = _NLVR_TEMPLATES[kind]
     s = int(rng.integers(2))  # the image most kinds talk about
     obj = _pick(rng, objs[s])
+    if kind == "contains" and refer_by == "colour":  # "a red shape": false = a colour that image lacks
+        colour, side = obj["colour"], s
+        if not want:
+            if rng.random() < 0.5 and colour not in {o["colour"] for o in objs[1 - s]}:
+                side = 1 - s
+            else:
+                colour = _pick(rng, [c for c in COLOURS if c not in {o["colour"] for o in objs[s]}])
+        return _say(rng, t, side=SIDES[side], a=_article(colour), colour=colour, shape="shape")
     if kind == "contains":
         colour, side = obj["colour"], s
         if not want:  # another colour of that shape (shapes are unique per image) or the other image
@@ -160,7 +198,7 @@ def _nlvr_statement(kind: str, scenes: list[dict], want: bool, rng: np.random.Ge
         more = more if want else 1 - more  # false: the comparison swapped
         return _say(rng, t, more=SIDES[more], fewer=SIDES[1 - more])
     if kind == "both":
-        attr = _pick(rng, ("shape", "colour"))
+        attr = _pick(rng, ("shape", "colour")) if refer_by == "shape" else "colour"
         have = [{o[attr] for o in objs[k]} for k in (0, 1)]
         options = sorted(have[0] & have[1] if want else have[0] ^ have[1])  # false: in one image only
         if not options:
@@ -170,10 +208,10 @@ def _nlvr_statement(kind: str, scenes: list[dict], want: bool, rng: np.random.Ge
         return _say(rng, t, a=_article(thing), thing=thing)
     if kind == "size":
         size = obj["size"] if want else _other(rng, SIZES, obj["size"])
-        return _say(rng, t, side=SIDES[s], shape=obj["shape"], size=size)
+        return _say(rng, t, side=SIDES[s], shape=_noun(obj, refer_by), size=size)
     if kind == "position":
         slot = obj["slot"] if want else _other(rng, SLOTS, obj["slot"])
-        return _say(rng, t, side=SIDES[s], shape=obj["shape"], where=WHERE[slot])
+        return _say(rng, t, side=SIDES[s], shape=_noun(obj, refer_by), where=WHERE[slot])
     raise ValueError(f"unknown NLVR2 statement kind {kind!r}; expected one of {NLVR_TYPES}")
 
 
@@ -188,7 +226,7 @@ def _nlvr_example(split: str, i: int, item, cfg: PairSynthConfig, folder: Path, 
     kind, want = item
     for _ in range(_MAX_TRIES):
         scenes = [sample_scene(rng), sample_scene(rng)]
-        sentence = _nlvr_statement(kind, scenes, want, rng)
+        sentence = _nlvr_statement(kind, scenes, want, rng, cfg.refer_by)
         if sentence is not None:
             break
     else:
@@ -208,18 +246,24 @@ def _nlvr_example(split: str, i: int, item, cfg: PairSynthConfig, folder: Path, 
 
 
 # -------------------------------------------------------------------------------------------- SNLI-VE
-def _ve_statement(label: str, kind: str, scene: dict, rng: np.random.Generator) -> str | None:
+def _ve_statement(
+    label: str, kind: str, scene: dict, rng: np.random.Generator, refer_by: str = "shape"
+) -> str | None:
     """A hypothesis about the scene with `label` (of VE_LABEL_NAMES) and, unless neutral, of `kind`
-    (VE_TYPES); None when this scene cannot carry it."""
+    (VE_TYPES); None when this scene cannot carry it. Objects are named by `refer_by` (REFER_BY)."""
     objs = scene["objects"]
     obj = _pick(rng, objs)
     if label == "neutral":  # a present object (its true colour) with a predicate no picture settles
         predicate = _pick(rng, NEUTRAL_PREDICATES)
+        if refer_by == "colour":
+            return _say(rng, _VE_TEMPLATES["neutral"][:1], shape=_noun(obj, refer_by), predicate=predicate)
         return _say(
             rng, _VE_TEMPLATES["neutral"], shape=obj["shape"], colour=obj["colour"], predicate=predicate
         )
     want = label == "entailment"
     t = _VE_TEMPLATES.get(kind, ())
+    if refer_by == "colour" and kind in ("exists", "colour", "size"):
+        return _ve_colour_statement(kind, want, objs, obj, rng)
     if kind == "exists":
         colour, shape = obj["colour"], obj["shape"]
         if not want:
@@ -248,12 +292,28 @@ def _ve_statement(label: str, kind: str, scene: dict, rng: np.random.Generator) 
             return None
         form, o = _pick(rng, options)
         if form == "middle":
-            return _say(rng, _VE_TEMPLATES["middle"], shape=o["shape"])
-        one, other = [x["shape"] for x in objs if x is not o]
+            return _say(rng, _VE_TEMPLATES["middle"], shape=_noun(o, refer_by))
+        one, other = [_noun(x, refer_by) for x in objs if x is not o]
         if rng.random() < 0.5:
             one, other = other, one
-        return _say(rng, _VE_TEMPLATES["between"], shape=o["shape"], one=one, other=other)
+        return _say(rng, _VE_TEMPLATES["between"], shape=_noun(o, refer_by), one=one, other=other)
     raise ValueError(f"unknown SNLI-VE hypothesis kind {kind!r}; expected one of {VE_TYPES}")
+
+
+def _ve_colour_statement(kind: str, want: bool, objs: list[dict], obj: dict, rng) -> str | None:
+    """The exists / colour / size hypotheses of `_ve_statement` with objects named by colour only."""
+    present = {o["colour"] for o in objs}
+    if kind == "exists":  # "there is a red shape"; false: a colour the image lacks
+        colour = obj["colour"] if want else _pick(rng, [c for c in COLOURS if c not in present])
+        return _say(rng, _VE_TEMPLATES["exists_colour"], a=_article(colour), colour=colour)
+    if kind == "colour":  # the colour of the middle object (a flip keeps the middle slot)
+        middle = [o for o in objs if o["slot"] == "middle"]
+        if not middle:
+            return None
+        colour = middle[0]["colour"] if want else _other(rng, list(COLOURS), middle[0]["colour"])
+        return _say(rng, _VE_TEMPLATES["colour_middle"], colour=colour)
+    size = obj["size"] if want else _other(rng, SIZES, obj["size"])  # kind == "size"
+    return _say(rng, _VE_TEMPLATES["size"][:1], shape=_noun(obj, "colour"), size=size)
 
 
 class _VESchedule:
@@ -281,7 +341,7 @@ def _ve_example(split: str, i: int, item, cfg: PairSynthConfig, folder: Path, rn
     label, kind = item
     for _ in range(_MAX_TRIES):
         scene = sample_scene(rng)
-        sentence = _ve_statement(label, kind, scene, rng)
+        sentence = _ve_statement(label, kind, scene, rng, cfg.refer_by)
         if sentence is not None:
             break
     else:
@@ -295,6 +355,29 @@ def _ve_example(split: str, i: int, item, cfg: PairSynthConfig, folder: Path, rn
         "hypothesis_type": kind,
         "objects": _objects(scene),
     }
+
+
+# ----------------------------------------------------------------------------- text-assignment captions
+def _ta_caption(scene: dict, rng: np.random.Generator) -> str:
+    """A caption of the whole scene naming every object by colour (some with their size), no positions."""
+    items = [
+        f"{_article(w[0])} {' '.join(w)} shape"
+        for w in ([o["size"], o["colour"]] if rng.random() < 0.5 else [o["colour"]] for o in scene["objects"])
+    ]
+    items = [items[int(k)] for k in rng.permutation(len(items))]  # any order: the loader flips the image
+    listed = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    bg = scene["background"]
+    return _say(
+        rng, _TA_TEMPLATES, listed=listed, a_bg=_article(bg), bg=bg, **_count_fields(len(scene["objects"]))
+    )
+
+
+def _ta_example(split: str, i: int, item, cfg: PairSynthConfig, folder: Path, rng) -> dict:
+    scene = sample_scene(rng)
+    name = f"images/{split}_{i:06d}.jpg"
+    render_scene(scene, cfg.image_size, rng).save(folder / name, format="JPEG", quality=90)
+    captions = list(dict.fromkeys(_ta_caption(scene, rng) for _ in range(3)))  # up to 3 distinct
+    return {"image": name, "caption": captions, "image_id": f"{split}_{i:06d}", "objects": _objects(scene)}
 
 
 # ------------------------------------------------------------------------------------------- the sets
@@ -328,6 +411,7 @@ def _ve_items(kinds: tuple[str, ...]) -> Callable[[np.random.Generator], object]
 
 _NLVR = _Task("nlvr2", "synthetic NLVR2 set", _nlvr_items, _nlvr_example, NLVR_TYPES)
 _VE = _Task("ve", "synthetic SNLI-VE set", _ve_items, _ve_example, VE_TYPES)
+_TA = _Task("ta", "synthetic text-assignment set", lambda kinds: lambda rng: None, _ta_example, ("caption",))
 
 
 def _kinds(task: _Task, cfg: PairSynthConfig) -> tuple[str, ...]:
@@ -338,6 +422,8 @@ def _kinds(task: _Task, cfg: PairSynthConfig) -> tuple[str, ...]:
             f"(unknown: {bad})"
         )
     return tuple(cfg.kinds) or task.kinds
+
+
 _OUR_FILES = {"images", *(f"{s}.json" for s in SPLITS), "DONE"}
 
 
@@ -363,6 +449,11 @@ def synthetic_nlvr2_ready(cfg: PairSynthConfig) -> bool:
     return _ready(_NLVR, cfg)
 
 
+def synthetic_ta_ready(cfg: PairSynthConfig) -> bool:
+    """True when cfg.out_dir holds a complete synthetic text-assignment set generated with these settings."""
+    return _ready(_TA, cfg)
+
+
 def synthetic_ve_ready(cfg: PairSynthConfig) -> bool:
     """True when cfg.out_dir holds a complete synthetic SNLI-VE set generated with these settings."""
     return _ready(_VE, cfg)
@@ -383,6 +474,8 @@ def _generate(task: _Task, cfg: PairSynthConfig, *, progress: bool, force: bool)
             f"{task.what} needs image_size >= 32 (three objects side by side), got {cfg.image_size}"
         )
     kinds = _kinds(task, cfg)
+    if cfg.refer_by not in REFER_BY:
+        raise ValueError(f"{task.what}: synth.refer_by must be one of {list(REFER_BY)}, got {cfg.refer_by!r}")
     counts = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}
     with staged_folder(out, _OUR_FILES, lambda: _ready(task, cfg), task.what) as tmp:
         bar = tqdm(total=sum(counts.values()), desc=task.what, disable=not progress)
@@ -431,3 +524,18 @@ def generate_synthetic_ve(cfg: PairSynthConfig, *, progress: bool = True, force:
     and guarded like `generate_synthetic_nlvr2`.
     """
     return _generate(_VE, cfg, progress=progress, force=force)
+
+
+def generate_synthetic_ta(cfg: PairSynthConfig, *, progress: bool = True, force: bool = False) -> Path:
+    """Write a caption set for NLVR2's text-assignment pre-training into cfg.out_dir and return that path;
+    reuses a complete matching set.
+
+    The NLVR2 scenes (one to three objects), each with up to three captions that name every object by
+    colour, some with its size ("the image shows a red shape and a small blue shape"), in the pre-training
+    layout: images/{split}_NNNNNN.jpg, {train,val,test}.json (cfg.num_* records of "image", "caption" [...],
+    "image_id", "objects") and DONE; staged and guarded like `generate_synthetic_nlvr2`. TA draws each
+    caption's partner images from the in-batch image similarities: partners share most colours, so a
+    caption settles which image is its own only when every colour is checked. No positions are named (the
+    pre-training transform flips); cfg.kinds and cfg.refer_by are not used.
+    """
+    return _generate(_TA, cfg, progress=progress, force=force)

@@ -232,3 +232,9 @@ class TextAssignmentTask(Task):
 
     def batch_len(self, batch: dict) -> int:
         return int(batch["image"].shape[0])
+
+    def baseline(self, ctx: TaskContext, result: dict) -> dict:
+        """Chance: each of the three labels is drawn with p = 1/3 (`losses.text_assignment`). results.json's
+        "train" holds the last log window's train_acc; in TA's single epoch every caption is scored before
+        the step that trains on it, with partners drawn afresh, so that accuracy is on unseen examples."""
+        return {"chance_train_acc": 1.0 / 3.0}  # the unit of train_acc: a fraction

@@ -421,6 +421,8 @@ class Trainer:
         result["baseline"] = task.baseline(ctx, result)
         if is_main:
             summary = {k: v for k, v in result.items() if k != "last"}
+            if "last" in result:  # the last training log window (all ranks), e.g. text assignment's accuracy
+                summary["train"] = {k: v for k, v in result["last"].items() if k != "event"}
             (self.out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
             log.info("%s done: results in %s", task.name, self.out_dir / "results.json")
         monitor.close()

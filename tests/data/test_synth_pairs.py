@@ -16,6 +16,7 @@ from PIL import Image
 
 from albef_ds.config import Config, PairSynthConfig, SynthConfig
 from albef_ds.data import TextTokenizer, clean_caption, eval_transform, swap_left_right
+from albef_ds.data.datasets import ImageTextDataset
 from albef_ds.data.nlvr import build_nlvr_train_loader, load_nlvr_records
 from albef_ds.data.synth import COLOURS, SHAPES, SIZES
 from albef_ds.data.synth_pairs import (
@@ -23,8 +24,10 @@ from albef_ds.data.synth_pairs import (
     NLVR_TYPES,
     VE_TYPES,
     generate_synthetic_nlvr2,
+    generate_synthetic_ta,
     generate_synthetic_ve,
     synthetic_nlvr2_ready,
+    synthetic_ta_ready,
     synthetic_ve_ready,
 )
 from albef_ds.data.ve import load_ve_records
@@ -34,6 +37,7 @@ SIZE = 48
 COUNTS = {"one": 1, "two": 2, "three": 3}
 SLOT_WORDS = {"on the left": "left", "in the middle": "middle", "on the right": "right"}
 OBJECT_KEYS = {"shape", "colour", "size", "box"}
+NOUN = r"(?:\w+ )?\w+"  # how a statement names an object: "circle", "red circle" or "red shape"
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +80,12 @@ def _slot(o: dict, size: int = SIZE) -> str:
     return ("left", "middle", "right")[min(2, int(3 * (x0 + x1) / 2 / size))]
 
 
-def _find(objs: list[dict], shape: str) -> dict | None:
-    return next((o for o in objs if o["shape"] == shape), None)
+def _find(objs: list[dict], noun: str) -> dict | None:
+    """The object a statement names: "<shape>", "<colour> <shape>" or (refer_by colour) "<colour> shape"."""
+    *colour, shape = noun.split()
+    if shape == "shape" and not colour:
+        return None
+    return next((o for o in objs if shape in ("shape", o["shape"]) and colour in ([], [o["colour"]])), None)
 
 
 def _has(objs: list[dict], thing: str) -> bool:
@@ -119,11 +127,11 @@ def nlvr_truth(sentence: str, pair: list[list[dict]], size: int = SIZE) -> bool:
             lambda t: all(_has(v, t) for v in pair),
         ),
         (
-            rf"^(?:the (\w+) in the {side} image is|in the {side} image the (\w+) is) (small|large)$",
+            rf"^(?:the ({NOUN}) in the {side} image is|in the {side} image the ({NOUN}) is) (small|large)$",
             lambda a, s1, s2, b, z: (o := _find(img[s1 or s2], a or b)) is not None and o["size"] == z,
         ),
         (
-            rf"^(?:the (\w+) in the {side} image is|in the {side} image the (\w+) is) {where}$",
+            rf"^(?:the ({NOUN}) in the {side} image is|in the {side} image the ({NOUN}) is) {where}$",
             lambda a, s1, s2, b, w: (
                 (o := _find(img[s1 or s2], a or b)) is not None and _slot(o, size) == SLOT_WORDS[w]
             ),
@@ -148,19 +156,23 @@ def ve_label(sentence: str, objs: list[dict], size: int = SIZE) -> str:
         (r"^(?:there (?:is|are)|the image shows) (one|two|three) shapes?$", lambda n: len(objs) == COUNTS[n]),
         (r"^(?:there is|the image shows) an? (\w+ \w+)(?: in the image)?$", lambda t: _has(objs, t)),
         (
+            rf"^(?:the shape in the middle|the middle shape) is ({colours})$",
+            lambda c: any(_slot(o, size) == "middle" and o["colour"] == c for o in objs),
+        ),
+        (
             rf"^the (\w+)(?: in the image)? is ({colours})$",
             lambda s, c: (o := _find(objs, s)) is not None and o["colour"] == c,
         ),
         (
-            r"^the (?:(\w+) )?(\w+) is (small|large)$",
-            lambda c, s, z: (o := _find(objs, s)) is not None and c in (None, o["colour"]) and o["size"] == z,
+            rf"^the ({NOUN}) is (small|large)$",
+            lambda s, z: (o := _find(objs, s)) is not None and o["size"] == z,
         ),
         (
-            r"^the (\w+) is in the middle(?: of the image)?$",
+            rf"^the ({NOUN}) is in the middle(?: of the image)?$",
             lambda s: _slot(_find(objs, s), size) == "middle",
         ),
         (
-            r"^the (\w+) is between the (\w+) and the (\w+)$",
+            rf"^the ({NOUN}) is between the ({NOUN}) and the ({NOUN})$",
             lambda s, a, b: (
                 sorted([_slot(_find(objs, a)), _slot(_find(objs, b))]) == ["left", "right"]
                 and _slot(_find(objs, s)) == "middle"
@@ -352,6 +364,70 @@ def test_a_selection_of_statement_kinds(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=r"synth.kinds \['nope'\] must be distinct kinds"):
             gen(PairSynthConfig(out_dir=str(tmp_path / "x"), kinds=["nope"]), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_objects_named_by_colour(tmp_path: Path, small_synth: SynthConfig) -> None:
+    """synth.refer_by=colour: every statement names objects by colour ("the red shape"), never a shape word,
+    with every kind of both tasks drawn and every label still agreeing with the objects; any other value is
+    refused."""
+    tok = TextTokenizer.from_path(Path(small_synth.out_dir) / "vocab.txt", max_tokens=64)
+    n = PairSynthConfig(out_dir=str(tmp_path / "n"), num_train=36, num_val=0, num_test=0, refer_by="colour")
+    n.image_size = SIZE
+    v = dataclasses.replace(n, out_dir=str(tmp_path / "v"), num_train=45)
+    generate_synthetic_nlvr2(n, progress=False)
+    generate_synthetic_ve(v, progress=False)
+    nlvr, ve = _load(n)["train"], _load(v)["train"]
+    assert {r["truth_type"] for r in nlvr} == set(NLVR_TYPES)
+    assert {r["hypothesis_type"] for r in ve} == {*VE_TYPES, "neutral"}
+    for r in nlvr:
+        sentence = clean_caption(r["sentence"], 30)
+        assert nlvr_truth(sentence, r["objects"]) == (r["label"] == "True"), r
+    for r in ve:
+        assert ve_label(clean_caption(r["sentence"], 30), r["objects"]) == r["label"], r
+    texts = [clean_caption(r["sentence"], 30) for r in nlvr + ve]
+    assert not [t for t in texts if set(SHAPES) & set(t.split())]
+    assert sum(" shape " in f" {t} " for t in texts) > len(texts) / 2  # "a red shape", "the blue shape", ...
+    for text, ids in zip(texts, tok.encode(texts)):
+        assert tok.unk_token_id not in ids, text
+    for gen in (generate_synthetic_nlvr2, generate_synthetic_ve):
+        with pytest.raises(ValueError, match=r"synth.refer_by must be one of \['shape', 'colour'\]"):
+            gen(PairSynthConfig(out_dir=str(tmp_path / "x"), refer_by="size"), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_text_assignment_captions(tmp_path: Path, small_synth: SynthConfig) -> None:
+    """synth-ta: NLVR2-style scenes with captions in the pre-training layout, each naming exactly the
+    scene's colours (once each), its count when it states one, sizes only where true, no shape or side
+    word, all in the debug vocabulary; the pre-training dataset reads the file."""
+    cfg = PairSynthConfig(out_dir=str(tmp_path / "ta"), num_train=40, num_val=0, num_test=0, image_size=SIZE)
+    assert generate_synthetic_ta(cfg, progress=False) == Path(cfg.out_dir) and synthetic_ta_ready(cfg)
+    assert not synthetic_nlvr2_ready(cfg) and not synthetic_ta_ready(dataclasses.replace(cfg, seed=1))
+    data = _load(cfg)
+    assert (len(data["train"]), data["val"], data["test"]) == (40, [], [])
+    tok = TextTokenizer.from_path(Path(small_synth.out_dir) / "vocab.txt", max_tokens=64)
+    sizes = {len(r["objects"]) for r in data["train"]}
+    assert sizes == {1, 2, 3}
+    for i, r in enumerate(data["train"]):
+        assert set(r) == {"image", "caption", "image_id", "objects"}
+        assert r["image"] == f"images/train_{i:06d}.jpg" and r["image_id"] == f"train_{i:06d}"
+        assert 1 <= len(r["caption"]) <= 3 and len(set(r["caption"])) == len(r["caption"])
+        size_of = {o["colour"]: o["size"] for o in r["objects"]}
+        for caption in r["caption"]:
+            words = clean_caption(caption, 40).split()
+            named = [w for w in words if w in COLOURS]
+            assert sorted(named) == sorted(size_of), (caption, r["objects"])
+            assert words.count("shape") + words.count("shapes") >= len(size_of)
+            for k, w in enumerate(words):
+                if w in SIZES:  # "a small red shape": the size of the object of that colour
+                    assert size_of[words[k + 1]] == w, caption
+                if w in COUNTS:
+                    assert COUNTS[w] == len(size_of), caption
+            assert not (set(SHAPES) | {"left", "right", "middle"}) & set(words), caption
+            assert tok.unk_token_id not in tok.encode([" ".join(words)])[0], caption
+    ds = ImageTextDataset(str(Path(cfg.out_dir) / "train.json"), transform=eval_transform(32), max_words=30)
+    item = ds[0]
+    assert len(ds) == 40 and item["image"].shape == (3, 32, 32)
+    assert item["caption"] in [clean_caption(c, 30) for c in data["train"][0]["caption"]]
 
 
 def test_refuses_foreign_folder_and_bad_settings(tmp_path: Path) -> None:

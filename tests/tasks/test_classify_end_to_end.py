@@ -69,17 +69,23 @@ def test_ve_two_ranks_beats_the_majority_class(pretrained, tmp_path):
 def test_text_assignment_then_nlvr2_on_two_ranks(pretrained, tmp_path):
     """The TA -> NLVR2 chain on 2 ranks: TA trains and writes the checkpoint NLVR2 loads (paired, no momentum
     weights), NLVR2 fine-tunes, validates and tests from it, and its 2-rank evaluation equals a 1-process
-    one. (On the synthetic pairs the debug model does not yet beat chance in this budget: issue 15.)"""
+    one. Accuracy is not asserted: 6 steps are far too few to learn (the shipped recipe's 2-rank run, 465
+    steps, reaches val 78.3% against a 50% majority: benchmarks/README.md)."""
+    ta_set = tmp_path / "ta_set"
+    ta_gen = [f"nlvr.ta_synth.out_dir={ta_set}", "nlvr.ta_synth.num_train=600", "nlvr.ta_synth.image_size=48"]
+    assert main(["data", "synth-ta", "--config", TA_CFG, *ta_gen]) == 0
     ta_ov = [
         *pretrained.common,
         f"model.albef_init={pretrained.run}",
-        f"data.train_file=[{pretrained.synth / 'train.json'}]",
-        "train.batch_size=16",  # 1 epoch of 600 captions on 2 ranks: 18 steps
+        f"data.train_file=[{ta_set / 'train.json'}]",
+        "train.batch_size=16",  # 1 epoch of 600 scenes on 2 ranks: 18 steps
     ]
     ta = _launch("nlvr2-ta", TA_CFG, ta_ov, tmp_path / "ta")
     assert ta["task"] == "nlvr2-ta" and ta["steps"] == 18 and ta["world_size"] == 2
     records = [json.loads(x) for x in (tmp_path / "ta" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [18]
+    assert ta["train"]["step"] == 18 and 0.0 <= ta["train"]["train_acc"] <= 1.0
+    assert ta["baseline"] == {"chance_train_acc": pytest.approx(1.0 / 3.0)}
     sd = torch.load(tmp_path / "ta" / "checkpoint.pt", weights_only=True)["model"]
     assert "text_encoder.bert.encoder.layer.5.crossattention.self.key.weight" in sd and "ta_head.weight" in sd
 
