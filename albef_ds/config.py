@@ -249,8 +249,8 @@ class NLVRConfig:
     eval_every: int = 1
     synth: PairSynthConfig = field(default_factory=lambda: PairSynthConfig(out_dir="data/synth_nlvr2"))
     # `albef-ds data synth-ta`: captions of the NLVR2 scenes for the debug text-assignment pre-training
-    # (configs/nlvr2_ta_debug.yaml reads its train.json as data.train_file); only num_train, image_size and
-    # seed are used.
+    # (configs/nlvr2_ta_debug.yaml reads its train.json as data.train_file). No val/test by default (TA has no
+    # evaluation); kinds and refer_by do not apply.
     ta_synth: PairSynthConfig = field(
         default_factory=lambda: PairSynthConfig(
             out_dir="data/synth_ta", num_train=4000, num_val=0, num_test=0

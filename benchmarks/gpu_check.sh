@@ -8,11 +8,14 @@
 #                                          ZeRO-2, one GPU: ours, ours+compile, ours+patch_dropout (0.5) and
 #                                          the reference recipe side by side (throughput.json + .png)
 #   4. benchmarks/sync_debug.py            5 steps under torch.cuda.set_sync_debug_mode("warn") (sync_debug.json)
+#   5. benchmarks/bench_task_step.py       one NLVR2 step of ALBEF-base (configs/nlvr2.yaml: 384 px, batch 16,
+#                                          18-block paired fusion), bf16 ZeRO-2: samples/s, peak memory
+#                                          (nlvr2_step.json)
 # A stage that fails does not stop the others (GPU minutes are scarce); the script exits 1 if any failed.
 #
 #   bash benchmarks/gpu_check.sh [--dry-run] [--out DIR] [extra `bench throughput` arguments...]
 #
-# --dry-run runs the same four stages at tiny sizes on whatever device there is (the debug config, batch 8,
+# --dry-run runs the same five stages at tiny sizes on whatever device there is (the debug config, batch 8,
 # 1 warm-up + 1 timed step, Q 256), in a minute or two on a CPU: tests/bench/test_gpu_check.py runs it in CI,
 # so a typo never costs GPU time.
 set -uo pipefail
@@ -44,6 +47,7 @@ if [[ $DRY == 1 ]]; then
   KERNEL_ARGS=(--dry-run)
   PYTEST_FILTER=(tests/kernels tests/train/test_step_syncs.py)  # collects and skips without CUDA
   PEAK=(--peak-tflops 1)
+  NLVR=(--config configs/nlvr2_debug.yaml --warmup 1 --steps 2 train.batch_size=4 train.engine=deepspeed)
 else
   CONFIG=configs/pretrain_4m.yaml
   MODEL=(train.batch_size=64 train.precision=bf16 train.ds_config=ds_configs/zero2_bf16.json)
@@ -52,6 +56,8 @@ else
   KERNEL_ARGS=()
   PYTEST_FILTER=(tests)
   PEAK=()
+  NLVR=(--config configs/nlvr2.yaml --warmup 3 --steps 10 train.batch_size=16 train.engine=deepspeed
+        train.precision=bf16 train.ds_config=ds_configs/zero2_bf16.json)
 fi
 
 declare -A RC SECONDS_TAKEN
@@ -74,11 +80,12 @@ stage throughput "$PY" -m albef_ds.cli bench throughput --config "$CONFIG" "${MO
   --engine deepspeed --recipe all "${STEPS[@]}" "${PEAK[@]}" --out "$OUT/throughput.json" "${EXTRA[@]}"
 stage sync_debug "$PY" benchmarks/sync_debug.py --config "$CONFIG" --engine deepspeed "${SYNC_STEPS[@]}" \
   --out "$OUT/sync_debug.json" "${MODEL[@]}"
+stage nlvr2_step "$PY" benchmarks/bench_task_step.py --task nlvr2 --out "$OUT/nlvr2_step.json" "${NLVR[@]}"
 
 status=0
 summary="{\"device\": \"$gpu\", \"dry_run\": $([[ $DRY == 1 ]] && echo true || echo false), \"stages\": {"
 sep=""
-for name in pytest_gpu kernels throughput sync_debug; do
+for name in pytest_gpu kernels throughput sync_debug nlvr2_step; do
   summary+="$sep\"$name\": {\"exit\": ${RC[$name]}, \"seconds\": ${SECONDS_TAKEN[$name]}}"
   sep=", "
   [[ ${RC[$name]} == 0 ]] || status=1
@@ -99,7 +106,7 @@ if junit.is_file():  # the pytest stage as JSON: counts and the failures' names
         "tests": len(cases), "failed": failed, "skipped": skipped,
         "passed": len(cases) - len(failed) - skipped, "seconds": float(suite.get("time", 0)),
     }, indent=1))
-for name in ("kernels", "throughput", "sync_debug", "pytest_gpu"):
+for name in ("kernels", "throughput", "sync_debug", "pytest_gpu", "nlvr2_step"):
     f = out / f"{name}.json"
     summary["stages"][name]["result"] = str(f) if f.is_file() else None
 t = out / "throughput.json"
@@ -113,6 +120,10 @@ if t.is_file():  # the headline numbers, one line per recipe
 s = out / "sync_debug.json"
 if s.is_file():
     summary["syncs_per_step"] = json.loads(s.read_text())["syncs_per_step"]
+n = out / "nlvr2_step.json"
+if n.is_file():
+    r = json.loads(n.read_text())
+    summary["nlvr2_step"] = {k: r[k] for k in ("samples_per_s", "step_time_s", "peak_mem_gb", "batch_per_device")}
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps(summary, indent=1))
 PYEOF
