@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from albef_ds.config import load_config
 from albef_ds.data.synth import contrasting_backgrounds
@@ -61,3 +62,52 @@ def test_the_demo_model_knows_colour_and_the_control_knows_nothing(demo_pretrain
     assert res["colour"]["mlm_other_image"] <= 30.0, res["colour"]  # chance 12.5
     for k, r in res.items():
         assert all(0.0 <= r[m] <= 100.0 for m in ("itc", "itm", "mlm", "mlm_other_image")), k
+
+
+def _rec(colour, shape, size, captions):
+    a = {"colour": colour, "shape": shape, "size": size, "position": "top", "texture": "plain"}
+    return {"attributes": {**a, "background": "grey"}, "caption": captions}
+
+
+def test_the_recall_ceiling_against_a_hand_count():
+    recs = [
+        _rec("red", "circle", "small", ["a red circle", "A small red circle, on a grey background."]),
+        _rec("red", "square", "large", ["a red square"]),
+        _rec("blue", "circle", "small", ["a blue circle"]),
+    ]
+    assert probe.caption_mentions(recs[0]["caption"][1]) == {
+        "colour": "red",
+        "shape": "circle",
+        "size": "small",
+        "background": "grey",
+    }
+    # Colour only: images 0 and 1 tie on the three red captions (2 and 1 of them their own), image 2 has
+    # its caption alone; each red caption ties two images, the blue one has one.
+    got = probe.recall_ceiling(recs, ("colour",))
+    assert got["txt_r1"] == pytest.approx(100 * (2 / 3 + 1 / 3 + 1) / 3)
+    assert got["img_r1"] == pytest.approx(100 * (0.5 + 0.5 + 0.5 + 1) / 4)
+    # + size: image 0's top caption is the one naming both (2 correct); image 1 ties on its own caption and
+    # "a red circle"; the small-caption rules image 1 out, so it points at image 0 alone.
+    got = probe.recall_ceiling(recs, ("colour", "size"))
+    assert got["txt_r1"] == pytest.approx(100 * (1 + 0.5 + 1) / 3)
+    assert got["img_r1"] == pytest.approx(100 * (0.5 + 1 + 0.5 + 1) / 4)
+    assert probe.recall_ceiling(recs, ("colour", "shape")) == {"txt_r1": 100.0, "img_r1": 100.0}
+
+
+def test_the_ceiling_command_on_a_generated_set(tmp_path):
+    from albef_ds.config import SynthConfig
+    from albef_ds.data import generate_synthetic
+
+    synth = tmp_path / "synth"
+    cfg = SynthConfig(out_dir=str(synth), num_train=2, num_eval=40, image_size=16)
+    generate_synthetic(cfg, progress=False)
+    out = tmp_path / "ceiling.json"
+    ov = [f"data.eval_file={synth / 'eval.json'}", f"data.tokenizer={synth / 'vocab.txt'}"]
+    assert probe.main(["ceiling", "--config", str(ROOT / "configs/debug.yaml"), "--out", str(out), *ov]) == 0
+    res = json.loads(out.read_text())["ceiling"]
+    assert list(res) == ["+".join(probe.CEILING_ORDER[: n + 1]) for n in range(6)]
+    full = res["+".join(probe.CEILING_ORDER)]
+    assert res["colour"]["txt_r1"] < full["txt_r1"] and res["colour"]["img_r1"] < full["img_r1"]
+    assert all(0.0 < r["txt_r1"] <= 100.0 and 0.0 < r["img_r1"] <= 100.0 for r in res.values())
+    with Image.open(out.with_suffix(".png")) as im:
+        assert im.size[0] > 600 and im.size[1] > 300
