@@ -57,6 +57,10 @@ class TextConfig:
     type_vocab_size: int = 2
     dropout: float = 0.1  # hidden and attention dropout, as in bert-base-uncased
     layer_norm_eps: float = 1e-12
+    # std of the random initialisation of the text / fusion encoder's linear and embedding weights (BERT's
+    # initializer_range, 0.02). Loaded weights replace it. For the 96-wide debug model, 0.1 lets the ITM
+    # learn the background in the demo's 800 steps, which it does not at 0.02 (benchmarks/README.md, issue 16)
+    init_std: float = 0.02
 
 
 @dataclass
@@ -67,6 +71,10 @@ class ModelConfig:
     temp: float = 0.07  # initial temperature (learnable, clamped to [temp_min, temp_max] in forward)
     temp_min: float = 0.001
     temp_max: float = 0.5
+    # Temperature of the ITM hard-negative draw: negatives are sampled from softmax(ITC similarity / this).
+    # 0 = the (clamped, learned) ITC temperature, as in ALBEF; a large value draws them uniformly from the
+    # batch (issue 16 measurements in benchmarks/README.md)
+    itm_neg_temp: float = 0.0
     momentum: float = 0.995  # EMA factor of the momentum encoders
     queue_size: int = 65536  # entries in each feature queue (any value >= 0; a ring buffer)
     mlm_probability: float = 0.15
@@ -87,6 +95,11 @@ class SynthConfig:
     image_size: int = 96  # side of the generated JPEGs
     seed: int = 0
     vocab_size: int = 256  # size of the WordPiece vocab trained on the synthetic captions
+    # Objects per image. 1: one object, captions naming its shape, colour, size, position, texture and
+    # background (the demo's set). 2: two objects of distinct colours, each small or large, one above the
+    # other; captions name both colours with their sizes and nothing else (an experiment of issue 16: a set
+    # built on what the debug ViT sees; benchmarks/README.md, "debug_probe.py pairs")
+    objects: int = 1
 
 
 @dataclass
@@ -361,6 +374,8 @@ NUMERIC_RANGES: tuple[tuple[str, Any, Any, str], ...] = (
         for k in ("image_size", "patch_size", "width", "depth", "heads")
     ),
     ("model.vision.mlp_ratio", _gt(0), None, "> 0"),
+    ("model.text.init_std", _gt(0), None, "> 0"),
+    ("model.itm_neg_temp", _ge(0), None, ">= 0 (0 = the ITC temperature)"),
     ("model.vision.drop_path", _ge(0), _lt(1), "in [0, 1)"),
     ("model.vision.patch_dropout", _ge(0), _lt(1), "in [0, 1)"),
     *(

@@ -26,10 +26,17 @@ attribute.
 some attributes of each image, for the nested sets colour, + background, + size, + position, + texture,
 + shape. The oracle scores a caption by how many known attributes it names correctly, and rules it out when
 it names one wrongly; ties are broken at random (the expected R@1 is reported). It says what knowing an
-attribute is worth in the demo's retrieval, and how far a model that sees only some of them can get.
+attribute is worth in the demo's retrieval, and how far a model that sees only some of them can get. On the
+two-object set (`synth.objects=2`, the demo's): the sets colour and colour + size.
+
+``pairs`` (a checkpoint pre-trained on the two-object set): for every held-out image, "a {size} {colour}
+shape and a {size} {colour} shape" against the same with one object's colour changed, with one object's
+size flipped, and with the two sizes swapped (binding: the same words), by ITC and by ITM.
 
     python benchmarks/debug_probe.py ceiling --config configs/debug.yaml \
         --out benchmarks/results/debug_ceiling.json
+    python benchmarks/debug_probe.py pairs --config configs/debug.yaml \
+        --checkpoint runs/debug/albef.safetensors --out benchmarks/results/debug_pairs.json
 
 Each writes the JSON and a PNG beside it (bars per attribute, or per set of known attributes).
 """
@@ -105,18 +112,42 @@ def _word_id(tok, word: str) -> int:
     return body[0]
 
 
-@torch.no_grad()
-def attribute_probe(cfg, checkpoint: str, *, seed: int = 0) -> dict:
-    """Per attribute of VALUES: % of held-out images whose true caption ITC / ITM score above its
-    counterfactual, and % whose masked attribute word MLM fills in right (with the image; with the image
-    half the split away). Needs the synthetic set's eval file (its records carry "attributes")."""
+PAIR_CHANGES = ("colour", "size", "binding")
+
+
+def pair_caption(objects: list[dict]) -> str:
+    """The probe's caption of a two-object record: both colours with their sizes, in the record's order."""
+    a, b = objects
+    return f"a {a['size']} {a['colour']} shape and a {b['size']} {b['colour']} shape"
+
+
+def pair_counterfactual(objects: list[dict], change: str, gen: torch.Generator) -> list[dict] | None:
+    """The two objects with one change: "colour" gives the first another colour absent from the image,
+    "size" flips the first one's size, "binding" swaps the two sizes (the same words, bound the other way;
+    None when the sizes are equal)."""
+    a, b = (dict(o) for o in objects)
+    if change == "colour":
+        others = [c for c in COLOURS if c not in (a["colour"], b["colour"])]
+        a["colour"] = others[int(torch.randint(len(others), (1,), generator=gen))]
+    elif change == "size":
+        a["size"] = "large" if a["size"] == "small" else "small"
+    elif change == "binding":
+        if a["size"] == b["size"]:
+            return None
+        a["size"], b["size"] = b["size"], a["size"]
+    else:
+        raise ValueError(f"unknown change {change!r}; expected one of {PAIR_CHANGES}")
+    return [a, b]
+
+
+def _load_probe_model(cfg, checkpoint: str):
     tok = build_tokenizer(cfg)
     model = ALBEFPretrain(cfg.model, special_tokens=special_tokens(tok))
     load_weights(model, checkpoint, require="model")
-    model.eval()
-    records = json.loads(Path(cfg.data.eval_file).read_text())
-    if not records or "attributes" not in records[0]:
-        raise ValueError(f"{cfg.data.eval_file}: records without 'attributes' (not the synthetic set)")
+    return tok, model.eval()
+
+
+def _encode_split(model, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     ev = RetrievalEvalSet(cfg.data.eval_file, image_size=cfg.model.vision.image_size, max_words=30)
     tokens, feats = [], []
     cpu = torch.device("cpu")
@@ -124,7 +155,58 @@ def attribute_probe(cfg, checkpoint: str, *, seed: int = 0) -> dict:
         t, f = model.encode_image(images)
         tokens.append(t)
         feats.append(f)
-    tokens, feats = torch.cat(tokens), torch.cat(feats)
+    return torch.cat(tokens), torch.cat(feats)
+
+
+def _score_captions(model, tok, captions: list[str], feat: torch.Tensor, image_tokens: torch.Tensor):
+    """ITC similarity and ITM positive logit of each caption with one image: (tokenized, itc, itm)."""
+    t = tok(captions)
+    states, tfeat = model.encode_text(t["input_ids"], t["attention_mask"])
+    img = image_tokens[None].expand(len(captions), -1, -1)
+    itm = model.itm_head(model.text_encoder.bert.fuse(states, t["attention_mask"], img)[:, 0])[:, 1]
+    return t, feat @ tfeat.t(), itm
+
+
+@torch.no_grad()
+def pair_probe(cfg, checkpoint: str, *, seed: int = 0) -> dict:
+    """The two-object set (`synth.objects=2`): per change of PAIR_CHANGES, % of held-out images whose true
+    caption ITC / ITM score above the changed one."""
+    tok, model = _load_probe_model(cfg, checkpoint)
+    records = json.loads(Path(cfg.data.eval_file).read_text())
+    if not records or "objects" not in records[0].get("attributes", {}):
+        raise ValueError(f"{cfg.data.eval_file}: not the two-object synthetic set (synth.objects=2)")
+    tokens, feats = _encode_split(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    counts = {k: {"itc": 0, "itm": 0, "pairs": 0} for k in PAIR_CHANGES}
+    for i, rec in enumerate(records):
+        objs = rec["attributes"]["objects"]
+        alts = {k: pair_counterfactual(objs, k, gen) for k in PAIR_CHANGES}
+        keys = [k for k in PAIR_CHANGES if alts[k] is not None]
+        caps = [pair_caption(objs)] + [pair_caption(alts[k]) for k in keys]
+        _, itc, itm = _score_captions(model, tok, caps, feats[i], tokens[i])  # (1 + K,) each
+        for j, k in enumerate(keys, start=1):
+            counts[k]["pairs"] += 1
+            counts[k]["itc"] += int(itc[0] > itc[j])
+            counts[k]["itm"] += int(itm[0] > itm[j])
+    p = {k: max(c["pairs"], 1) for k, c in counts.items()}
+    return {
+        k: {"itc": 100.0 * c["itc"] / p[k], "itm": 100.0 * c["itm"] / p[k], "pairs": c["pairs"]}
+        for k, c in counts.items()
+    }
+
+
+@torch.no_grad()
+def attribute_probe(cfg, checkpoint: str, *, seed: int = 0) -> dict:
+    """Per attribute of VALUES: % of held-out images whose true caption ITC / ITM score above its
+    counterfactual, and % whose masked attribute word MLM fills in right (with the image; with the image
+    half the split away). Needs the one-object synthetic set's eval file (its records carry "attributes")."""
+    records = json.loads(Path(cfg.data.eval_file).read_text())
+    if not records or "attributes" not in records[0]:
+        raise ValueError(f"{cfg.data.eval_file}: records without 'attributes' (not the synthetic set)")
+    if "objects" in records[0]["attributes"]:
+        raise ValueError(f"{cfg.data.eval_file}: a two-object set (synth.objects=2): use the `pairs` probe")
+    tok, model = _load_probe_model(cfg, checkpoint)
+    tokens, feats = _encode_split(model, cfg)
     gen = torch.Generator().manual_seed(seed)
     counts = {k: {"itc": 0, "itm": 0, "mlm": 0, "mlm_other_image": 0, "pairs": 0} for k in VALUES}
     word = {k: torch.tensor([_word_id(tok, v) for v in vals]) for k, vals in VALUES.items()}
@@ -133,11 +215,8 @@ def attribute_probe(cfg, checkpoint: str, *, seed: int = 0) -> dict:
         a = rec["attributes"]
         alts = {k: counterfactual(a, k, gen) for k in VALUES}
         keys = [k for k in VALUES if alts[k] is not None]
-        t = tok([probe_caption(a)] + [probe_caption(alts[k]) for k in keys])
-        states, tfeat = model.encode_text(t["input_ids"], t["attention_mask"])
-        itc = feats[i] @ tfeat.t()  # (1 + K,)
-        img = tokens[i : i + 1].expand(len(keys) + 1, -1, -1)
-        itm = model.itm_head(model.text_encoder.bert.fuse(states, t["attention_mask"], img)[:, 0])[:, 1]
+        caps = [probe_caption(a)] + [probe_caption(alts[k]) for k in keys]
+        t, itc, itm = _score_captions(model, tok, caps, feats[i], tokens[i])  # (1 + K,) each
         other = tokens[(i + n // 2) % n : (i + n // 2) % n + 1]  # an unrelated image: the text-only control
         for j, k in enumerate(keys, start=1):
             c = counts[k]
@@ -271,6 +350,21 @@ def recall_ceiling(records: list[dict], known: tuple[str, ...]) -> dict[str, flo
     return {"txt_r1": 100.0 * float(txt), "img_r1": 100.0 * float(img)}
 
 
+PAIR_CEILING_ORDER = ("colour", "size")
+
+
+def pair_recall_ceiling(records: list[dict], known: tuple[str, ...]) -> dict[str, float]:
+    """`recall_ceiling` for the two-object set, whose every caption names both objects' colour and size: a
+    caption fits an image when the image's objects agree with its own image's on the `known` attributes."""
+    keys = [frozenset(tuple(o[k] for k in known) for o in r["attributes"]["objects"]) for r in records]
+    owner = [i for i, r in enumerate(records) for _ in r["caption"]]
+    fits = torch.tensor([[keys[i] == keys[o] for o in owner] for i in range(len(records))])  # (I, T)
+    own = torch.tensor(owner)[None, :] == torch.arange(len(records))[:, None]
+    txt = ((fits & own).sum(1) / fits.sum(1)).mean()
+    img = (1.0 / fits.sum(0)).mean()  # each caption fits its own image and those tied with it
+    return {"txt_r1": 100.0 * float(txt), "img_r1": 100.0 * float(img)}
+
+
 def _plot(
     groups: dict[str, dict[str, float]], title: str, path: Path, chance: dict[str, float], *, pairwise: bool
 ) -> None:
@@ -304,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     a = sub.add_parser("attributes", help="ITC / ITM / MLM per attribute of a pre-trained checkpoint")
     a.add_argument("--checkpoint", required=True)
+    pr = sub.add_parser("pairs", help="ITC / ITM on the two-object set: colour, size and binding changes")
+    pr.add_argument("--checkpoint", required=True)
     v = sub.add_parser("vit", help="the bare debug ViT as a supervised attribute classifier")
     v.add_argument("--attributes", nargs="+", default=["colour", "position", "shape"])
     v.add_argument("--steps", type=int, default=400)
@@ -311,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--batch", type=int, default=32)
     v.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     c = sub.add_parser("ceiling", help="R@1 of an oracle that knows only some attributes")
-    for s in (a, v, c):
+    for s in (a, pr, v, c):
         s.add_argument("--config", default=str(ROOT / "configs/debug.yaml"))
         s.add_argument("--out", required=True)
         s.add_argument("overrides", nargs="*", help="config overrides section.key=value")
@@ -328,14 +424,19 @@ def main(argv: list[str] | None = None) -> int:
         title = (
             "ITC / ITM: true caption above a one-attribute change (chance 50, dashed); MLM: the masked value"
         )
+    elif args.what == "pairs":
+        res = pair_probe(cfg, args.checkpoint)
+        doc = {"checkpoint": args.checkpoint, "eval_file": cfg.data.eval_file, "changes": res}
+        groups = {k: {s: r[s] for s in ("itc", "itm")} for k, r in res.items()}
+        chance = {k: 50.0 for k in res}
+        title = "two objects: true caption above one change (ITC similarity, ITM logit; chance 50)"
     elif args.what == "ceiling":
         records = json.loads(Path(cfg.data.eval_file).read_text())
         if not records or "attributes" not in records[0]:
             raise ValueError(f"{cfg.data.eval_file}: records without 'attributes' (not the synthetic set)")
-        res = {
-            "+".join(CEILING_ORDER[: n + 1]): recall_ceiling(records, CEILING_ORDER[: n + 1])
-            for n in range(len(CEILING_ORDER))
-        }
+        pair = "objects" in records[0]["attributes"]
+        order, fn = (PAIR_CEILING_ORDER, pair_recall_ceiling) if pair else (CEILING_ORDER, recall_ceiling)
+        res = {"+".join(order[: n + 1]): fn(records, order[: n + 1]) for n in range(len(order))}
         doc = {"eval_file": cfg.data.eval_file, "images": len(records), "ceiling": res}
         # one bar pair per set, labelled by the attribute it adds to the set before it
         groups = {
@@ -352,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         chance = {k: r["chance"] for k, r in res.items()}
         title = f"supervised from scratch, {args.steps} steps of {args.batch}: held-out accuracy"
     out.write_text(json.dumps(doc, indent=1) + "\n")
-    _plot(groups, title, out.with_suffix(".png"), chance, pairwise=args.what == "attributes")
+    _plot(groups, title, out.with_suffix(".png"), chance, pairwise=args.what in ("attributes", "pairs"))
     print(json.dumps(doc, indent=1))
     return 0
 

@@ -6,6 +6,12 @@ captions name those attributes through several templates. Held-out images come f
 
 Only vertical positions are named: pre-training flips images horizontally, which would make "left"/"right"
 captions wrong half of the time.
+
+With `synth.objects=2` (an experiment of issue 16, not the demo's default) each image shows two objects of distinct colours, each small or
+large, one in the upper and one in the lower half of a plain background, and every caption names both colours
+with their sizes ("a large red shape and a small blue shape"), in either order, and nothing else: every
+word is one the debug ViT can see, and a model that knows the colours alone ranks the right caption first
+for about a seventh of the held-out images (the sizes settle most of the rest).
 """
 
 from __future__ import annotations
@@ -73,6 +79,22 @@ _TEMPLATES = (
 )
 
 
+# Two-object captions: both objects by colour and size, the first-named one in {c1}/{s1}.
+_PAIR_TEMPLATES = (
+    "{a1} {s1} {c1} shape and {a2} {s2} {c2} shape",
+    "there is {a1} {s1} {c1} object and {a2} {s2} {c2} object",
+    "two shapes: {a1} {s1} {c1} one and {a2} {s2} {c2} one",
+    "{s1} {c1} and {s2} {c2} shapes",
+    "A picture of {a1} {s1} {c1} shape next to {a2} {s2} {c2} shape.",
+    "the {c1} shape is {s1} and the {c2} shape is {s2}",
+    "{a1} {s1} {c1} thing with {a2} {s2} {c2} thing",
+    "an image showing {a1} {s1} {c1} object and {a2} {s2} {c2} object",
+    "{c1} ({s1}) and {c2} ({s2})",
+)
+_PAIR_RADIUS = {"small": (0.09, 0.11), "large": (0.19, 0.22)}  # half-extent, fraction of the side
+_PAIR_Y = {"top": 0.27, "bottom": 0.73}  # object centres, fraction of the side
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -115,6 +137,56 @@ def _captions(attrs: dict[str, str], n: int, rng: np.random.Generator) -> list[s
     }
     picks = rng.choice(len(_TEMPLATES), size=n, replace=False)  # n distinct templates per image
     return [_TEMPLATES[int(k)].format(**fields) for k in picks]
+
+
+def _sample_pair(rng: np.random.Generator) -> dict:
+    colours = [str(c) for c in rng.choice(list(COLOURS), size=2, replace=False)]
+    places = ["top", "bottom"] if rng.random() < 0.5 else ["bottom", "top"]
+    objects = [
+        {"colour": c, "size": str(rng.choice(SIZES)), "shape": str(rng.choice(SHAPES)), "position": p}
+        for c, p in zip(colours, places)
+    ]
+    bgs = contrasting_backgrounds(colours) or ["grey"]  # no background contrasts with both: grey
+    return {"objects": objects, "background": str(rng.choice(bgs)), "texture": "plain"}
+
+
+def _pair_captions(attrs: dict, n: int, rng: np.random.Generator) -> list[str]:
+    caps = []
+    for k in rng.choice(len(_PAIR_TEMPLATES), size=n, replace=False):  # n distinct templates per image
+        first, second = attrs["objects"] if rng.random() < 0.5 else attrs["objects"][::-1]
+        fields = {
+            "c1": first["colour"],
+            "s1": first["size"],
+            "a1": _article(first["size"]),
+            "c2": second["colour"],
+            "s2": second["size"],
+            "a2": _article(second["size"]),
+        }
+        caps.append(_PAIR_TEMPLATES[int(k)].format(**fields))
+    return caps
+
+
+def _draw_pair(img: Image.Image, attrs: dict, rng: np.random.Generator) -> None:
+    s = img.size[0]
+    for obj in attrs["objects"]:
+        r = s * float(rng.uniform(*_PAIR_RADIUS[obj["size"]]))
+        cx = s * (0.5 + float(rng.uniform(-0.2, 0.2)))
+        cy = s * (_PAIR_Y[obj["position"]] + float(rng.uniform(-0.02, 0.02)))
+        cx = min(max(cx, r + 1), s - r - 1)
+        cy = min(max(cy, r + 1), s - r - 1)
+        obj["box"] = [round(v, 2) for v in shape_box(obj["shape"], (cx, cy), r)]
+        draw_shape(img, obj["shape"], (cx, cy), r, object_colour(obj["colour"], rng))
+
+
+def _vocab_texts(attrs: dict, rng: np.random.Generator) -> list[str]:
+    """Texts the vocabulary is trained on besides the captions, for a two-object image: one-object captions
+    of each of its objects (with a random texture), so the words of the other synthetic sets that share
+    this vocabulary (shapes, textures, backgrounds, positions) stay whole pieces."""
+    out = []
+    for obj in attrs["objects"]:
+        one = {**obj, "texture": str(rng.choice(TEXTURES)), "background": attrs["background"]}
+        out += _captions(one, 3, rng)
+    return out
 
 
 def textured_background(background: str, texture: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -196,12 +268,13 @@ def _make_split(
     split: str, count: int, cfg: SynthConfig, folder: Path, rng: np.random.Generator, bar: tqdm | None
 ) -> list[dict]:
     entries = []
+    pair = cfg.objects == 2
     for i in range(count):
-        attrs = _sample_attributes(rng)
+        attrs = _sample_pair(rng) if pair else _sample_attributes(rng)
         n_caps = 3 if split == "train" else int(rng.integers(2, 4))  # eval: 2-3 captions per image
-        captions = _captions(attrs, n_caps, rng)
+        captions = (_pair_captions if pair else _captions)(attrs, n_caps, rng)
         img = Image.fromarray(textured_background(attrs["background"], attrs["texture"], cfg.image_size, rng))
-        _draw_object(img, attrs, rng)
+        (_draw_pair if pair else _draw_object)(img, attrs, rng)
         name = f"images/{split}_{i:06d}.jpg"
         img.save(folder / name, format="JPEG", quality=90)
         entries.append(
@@ -262,8 +335,11 @@ def generate_synthetic(cfg: SynthConfig, *, progress: bool = True, force: bool =
     """Write the synthetic set into cfg.out_dir and return that path; reuses a complete matching set.
 
     Layout: images/{train,eval}_NNNNNN.jpg, train.json (3 captions per image), eval.json (2-3 captions per
-    image), vocab.txt (WordPiece over all captions) and, last, DONE (the settings). Everything is written to
-    a sibling temporary folder first and renamed into place, so a half-written set never looks complete.
+    image; each record's "attributes" are what the generator drew: one object's, or with `objects=2`
+    {"objects": [{colour, size, shape, position, box}, ...], "background", "texture"}), vocab.txt
+    (WordPiece over all captions; with `objects=2` also over one-object captions of the same objects, so
+    the other synthetic sets' words stay whole pieces) and, last, DONE (the settings). Everything is written
+    to a sibling temporary folder first and renamed into place, so a half-written set never looks complete.
     """
     out = Path(cfg.out_dir)
     if not force and synthetic_ready(cfg):
@@ -274,6 +350,8 @@ def generate_synthetic(cfg: SynthConfig, *, progress: bool = True, force: bool =
             f"synthetic set needs num_train >= 1, num_eval >= 1 and image_size >= 16; got "
             f"{cfg.num_train}, {cfg.num_eval}, {cfg.image_size}"
         )
+    if cfg.objects not in (1, 2):
+        raise ValueError(f"synth.objects must be 1 or 2 (objects per image), got {cfg.objects!r}")
     with staged_folder(out, _OUR_FILES, lambda: synthetic_ready(cfg), "synthetic set") as tmp:
         # Independent seed streams: train and eval draws never shift each other when counts change.
         rng_train = np.random.default_rng([cfg.seed, 0])
@@ -286,6 +364,9 @@ def generate_synthetic(cfg: SynthConfig, *, progress: bool = True, force: bool =
         (tmp / "eval.json").write_text(json.dumps(held_out, indent=0))
         # The model only ever sees cleaned captions, so the vocabulary is trained on those.
         texts = [clean_caption(c, 30) for e in train + held_out for c in e["caption"]]
+        if cfg.objects == 2:
+            rng_vocab = np.random.default_rng([cfg.seed, 2])
+            texts += [clean_caption(c, 30) for e in train for c in _vocab_texts(e["attributes"], rng_vocab)]
         train_wordpiece_vocab(texts, tmp / "vocab.txt", cfg.vocab_size)
         (tmp / "DONE").write_text(json.dumps(_signature(cfg)))
     logger.info(

@@ -131,7 +131,12 @@ class ALBEFPretrain(ContrastiveALBEF):
         # ---- ITM with in-batch hard negatives (weights = softmax of the in-batch ITC similarities)
         with self._section("itm"):
             neg_image, neg_text = draw_hard_negatives(
-                image_feat, text_feat, image_feat_m, text_feat_m, temp, ops.sample_hard_negatives
+                image_feat,
+                text_feat,
+                image_feat_m,
+                text_feat_m,
+                self.negative_temp(temp),
+                ops.sample_hard_negatives,
             )
             logits = self.itm_logits(text_embeds, attention_mask, image_embeds, neg_image, neg_text)
             loss_itm = itm_loss(logits, b)

@@ -14,6 +14,8 @@ state-dict keys line up with bert-base-uncased and with the released ALBEF check
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -245,16 +247,17 @@ class BertMLM(nn.Module):
         self.bert = BertModel(cfg, cross_width=cross_width)
         self.cls = MLMHead(cfg)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
-        self.apply(_init_bert_weights)
+        self.apply(functools.partial(_init_bert_weights, std=cfg.init_std))
 
     def tie_weights(self) -> None:
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
 
-def _init_bert_weights(module: nn.Module) -> None:
-    # BERT's initialisation: N(0, 0.02) for linear and embedding weights, zero biases, unit LayerNorm.
+def _init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    # BERT's initialisation: N(0, std) for linear and embedding weights (BERT: 0.02 = initializer_range),
+    # zero biases, unit LayerNorm.
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.normal_(module.weight, mean=0.0, std=std)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
     if isinstance(module, nn.LayerNorm):

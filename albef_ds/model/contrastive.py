@@ -70,6 +70,12 @@ class ContrastiveALBEF(MomentumModel, nn.Module):
         """Temperature clamped to [temp_min, temp_max], out of place, with a straight-through gradient."""
         return encoders.clamped_temp(self.temp, self.cfg.temp_min, self.cfg.temp_max)
 
+    def negative_temp(self, temp: torch.Tensor) -> torch.Tensor:
+        """The temperature of the ITM hard-negative draw: `temp` (the clamped ITC one, ALBEF's) unless
+        `model.itm_neg_temp` sets another."""
+        t = self.cfg.itm_neg_temp
+        return temp if t <= 0 else torch.full_like(temp, t)
+
     def encode_image(
         self, image: torch.Tensor, *, momentum: bool = False, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ loading a TA checkpoint that has no momentum weights, so its teacher started ran
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,7 @@ class PairedTextEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.bert = PairedBertModel(cfg.text, cross_width=cfg.vision.width)
-        self.apply(_init_bert_weights)
+        self.apply(functools.partial(_init_bert_weights, std=cfg.text.init_std))
 
     def forward(self, input_ids, attention_mask, image0, image1) -> torch.Tensor:
         """(B, L, H) multimodal states of the sentences over their image pairs."""

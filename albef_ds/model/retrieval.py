@@ -125,7 +125,7 @@ class ALBEFRetrieval(ContrastiveALBEF):
         same = pos[:, :b]  # (B, B), symmetric, diagonal True
         excluding_same = partial(sample_negatives_excluding, same=same)
         (neg_image, ok_image), (neg_text, ok_text) = draw_hard_negatives(
-            image_feat, text_feat, image_feat_m, text_feat_m, temp, excluding_same
+            image_feat, text_feat, image_feat_m, text_feat_m, self.negative_temp(temp), excluding_same
         )
         logits = self.itm_logits(text_embeds, attention_mask, image_embeds, neg_image, neg_text)  # (3B, 2)
         labels = torch.cat(
