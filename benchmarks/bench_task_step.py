@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from albef_ds.bench.throughput import synthetic_batches as random_batches  # noqa: E402
 from albef_ds.config import load_config  # noqa: E402
 from albef_ds.tasks import make_task  # noqa: E402
 from albef_ds.train.monitor import peak_memory_gb  # noqa: E402
@@ -36,23 +37,9 @@ TOKENS = {"pad": 0, "cls": 2, "mask": 4}
 
 def synthetic_batches(task: str, cfg, batch: int, device, dtype, n: int = 2) -> list[dict]:
     """`n` batches of the task's batch dict: random images, token ids with [CLS] first, labels."""
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    s, length, vocab = cfg.model.vision.image_size, cfg.data.max_tokens, cfg.model.text.vocab_size
+    images = ("image0", "image1") if task == "nlvr2" else ("image",)
     classes = 2 if task == "nlvr2" else 3
-    out = []
-    for _ in range(n):
-        ids = torch.randint(5, vocab, (batch, length), generator=g)
-        ids[:, 0] = TOKENS["cls"]
-        b = {
-            "input_ids": ids.to(device),
-            "attention_mask": torch.ones_like(ids).to(device),
-            "label": torch.randint(classes, (batch,), generator=g).to(device),
-        }
-        names = ("image0", "image1") if task == "nlvr2" else ("image",)
-        for name in names:
-            b[name] = torch.randn(batch, 3, s, s, generator=g).to(device, dtype)
-        out.append(b)
-    return out
+    return random_batches(cfg, batch, device, dtype, n, images=images, classes=classes)
 
 
 def bench_task_step(task: str, cfg, *, warmup: int, steps: int) -> dict:

@@ -27,7 +27,7 @@ some attributes of each image, for the nested sets colour, + background, + size,
 + shape. The oracle scores a caption by how many known attributes it names correctly, and rules it out when
 it names one wrongly; ties are broken at random (the expected R@1 is reported). It says what knowing an
 attribute is worth in the demo's retrieval, and how far a model that sees only some of them can get. On the
-two-object set (`synth.objects=2`, the demo's): the sets colour and colour + size.
+two-object set (`synth.objects=2`): the sets colour and colour + size.
 
 ``pairs`` (a checkpoint pre-trained on the two-object set): for every held-out image, "a {size} {colour}
 shape and a {size} {colour} shape" against the same with one object's colour changed, with one object's

@@ -125,22 +125,31 @@ def device_peak_flops(device: torch.device, override_tflops: float = 0.0) -> tup
     return None, f"no known peak for {name}: pass --peak-tflops"
 
 
-def _synthetic_batches(
-    cfg: Config, batch: int, device: torch.device, dtype: torch.dtype, n: int = 4
+def synthetic_batches(
+    cfg: Config,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    n: int = 4,
+    *,
+    images: tuple[str, ...] = ("image",),
+    classes: int = 0,
 ) -> list[dict]:
+    """`n` batch dicts of random data at the config's shapes: token ids with [CLS] (id 2) first, an all-ones
+    attention mask, one random image tensor per name in `images`, and a "label" in [0, classes) when
+    classes > 0 (the fine-tuning tasks' batches)."""
     g = torch.Generator().manual_seed(cfg.train.seed)
     s, length, vocab = cfg.model.vision.image_size, cfg.data.max_tokens, cfg.model.text.vocab_size
     out = []
     for _ in range(n):
         ids = torch.randint(5, vocab, (batch, length), generator=g)
         ids[:, 0] = 2  # [CLS]
-        out.append(
-            {
-                "image": torch.randn(batch, 3, s, s, generator=g).to(device, dtype),
-                "input_ids": ids.to(device),
-                "attention_mask": torch.ones_like(ids).to(device),
-            }
-        )
+        b = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+        if classes > 0:
+            b["label"] = torch.randint(classes, (batch,), generator=g).to(device)
+        for name in images:
+            b[name] = torch.randn(batch, 3, s, s, generator=g).to(device, dtype)
+        out.append(b)
     return out
 
 
@@ -188,7 +197,7 @@ def build_recipe(
     trainer = Trainer(c, PretrainTask(c, ops=ops), hooks=hooks)
     trainer.setup(with_data=False, tokens={"pad": 0, "cls": 2, "mask": 4})
     trainer.model.train()
-    return trainer, c, _synthetic_batches(c, c.train.batch_size, device, trainer.engine.input_dtype)
+    return trainer, c, synthetic_batches(c, c.train.batch_size, device, trainer.engine.input_dtype)
 
 
 def run_recipe(

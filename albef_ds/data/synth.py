@@ -7,11 +7,11 @@ captions name those attributes through several templates. Held-out images come f
 Only vertical positions are named: pre-training flips images horizontally, which would make "left"/"right"
 captions wrong half of the time.
 
-With `synth.objects=2` (an experiment of issue 16, not the demo's default) each image shows two objects of distinct colours, each small or
-large, one in the upper and one in the lower half of a plain background, and every caption names both colours
-with their sizes ("a large red shape and a small blue shape"), in either order, and nothing else: every
-word is one the debug ViT can see, and a model that knows the colours alone ranks the right caption first
-for about a seventh of the held-out images (the sizes settle most of the rest).
+With `synth.objects=2` (an experiment of issue 16, not the demo's default) each image shows two objects of
+distinct colours, each small or large, one in the upper and one in the lower half of a plain background, and
+every caption names both colours with their sizes ("a large red shape and a small blue shape"), in either
+order, and nothing else: every word is one the debug ViT can see, and a model that knows the colours alone
+ranks the right caption first for about a seventh of the held-out images (the sizes settle most of the rest).
 """
 
 from __future__ import annotations
