@@ -280,6 +280,11 @@ def vit_probe(
     folder = Path(cfg.data.synth.out_dir)
     train = json.loads((folder / "train.json").read_text())
     held = json.loads((folder / "eval.json").read_text())
+    if held and "objects" in held[0].get("attributes", {}):
+        raise ValueError(
+            f"{folder / 'eval.json'}: a two-object set (synth.objects=2); the ViT probe needs the one-object "
+            "set (data.synth.objects=1)"
+        )
     vals = VALUES[attribute]
     size = cfg.model.vision.image_size
     aug = pretrain_transform(

@@ -139,12 +139,16 @@ class RetrievalTask(Task):
         m = out[0] if isinstance(out, tuple) else out
         if ctx.is_main:
             log.info(
-                "[%s] step %d: TR R@1 %.2f  IR R@1 %.2f  r_mean %.2f (ITC only: r_mean %.2f)",
+                "[%s] step %d: ITM re-rank of the ITC top-%d: TR R@1 %.2f  IR R@1 %.2f  r_mean %.2f "
+                "(ITC only: TR R@1 %.2f  IR R@1 %.2f  r_mean %.2f)",
                 split,
                 step,
+                m["k_test"],
                 m["txt_r1"],
                 m["img_r1"],
                 m["r_mean"],
+                m["itc_txt_r1"],
+                m["itc_img_r1"],
                 m["itc_r_mean"],
             )
         return out

@@ -151,7 +151,7 @@ def test_pair_counterfactuals_change_what_they_say():
 
 def test_the_pairs_probe_runs_on_a_two_object_set(tmp_path):
     """The `pairs` command end to end on a random-init model (mechanics: the counts and files); the one-object
-    `attributes` probe refuses the two-object set by name."""
+    `attributes` and `vit` probes refuse the two-object set by name."""
     from safetensors.torch import save_file
 
     from albef_ds.config import SynthConfig
@@ -179,3 +179,6 @@ def test_the_pairs_probe_runs_on_a_two_object_set(tmp_path):
         assert im.size[0] > 300 and im.size[1] > 300
     with pytest.raises(ValueError, match="two-object set"):
         probe.attribute_probe(cfg, str(ckpt))
+    vit_cfg = load_config(str(ROOT / "configs/debug.yaml"), [*ov, f"data.synth.out_dir={synth}"])
+    with pytest.raises(ValueError, match="two-object set.*ViT probe"):
+        probe.vit_probe(vit_cfg, "colour", steps=1, lr=1e-3, batch=4)
