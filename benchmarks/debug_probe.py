@@ -168,12 +168,17 @@ def _score_captions(model, tok, captions: list[str], feat: torch.Tensor, image_t
 
 
 @torch.no_grad()
+def _two_object(records: list[dict]) -> bool:
+    """Whether a synthetic list is the two-object set (`synth.objects=2`): its attributes hold "objects"."""
+    return bool(records) and "objects" in records[0].get("attributes", {})
+
+
 def pair_probe(cfg, checkpoint: str, *, seed: int = 0) -> dict:
     """The two-object set (`synth.objects=2`): per change of PAIR_CHANGES, % of held-out images whose true
     caption ITC / ITM score above the changed one."""
     tok, model = _load_probe_model(cfg, checkpoint)
     records = json.loads(Path(cfg.data.eval_file).read_text())
-    if not records or "objects" not in records[0].get("attributes", {}):
+    if not _two_object(records):
         raise ValueError(f"{cfg.data.eval_file}: not the two-object synthetic set (synth.objects=2)")
     tokens, feats = _encode_split(model, cfg)
     gen = torch.Generator().manual_seed(seed)
@@ -203,7 +208,7 @@ def attribute_probe(cfg, checkpoint: str, *, seed: int = 0) -> dict:
     records = json.loads(Path(cfg.data.eval_file).read_text())
     if not records or "attributes" not in records[0]:
         raise ValueError(f"{cfg.data.eval_file}: records without 'attributes' (not the synthetic set)")
-    if "objects" in records[0]["attributes"]:
+    if _two_object(records):
         raise ValueError(f"{cfg.data.eval_file}: a two-object set (synth.objects=2): use the `pairs` probe")
     tok, model = _load_probe_model(cfg, checkpoint)
     tokens, feats = _encode_split(model, cfg)
@@ -280,7 +285,7 @@ def vit_probe(
     folder = Path(cfg.data.synth.out_dir)
     train = json.loads((folder / "train.json").read_text())
     held = json.loads((folder / "eval.json").read_text())
-    if held and "objects" in held[0].get("attributes", {}):
+    if _two_object(held):
         raise ValueError(
             f"{folder / 'eval.json'}: a two-object set (synth.objects=2); the ViT probe needs the one-object "
             "set (data.synth.objects=1)"
@@ -439,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         records = json.loads(Path(cfg.data.eval_file).read_text())
         if not records or "attributes" not in records[0]:
             raise ValueError(f"{cfg.data.eval_file}: records without 'attributes' (not the synthetic set)")
-        pair = "objects" in records[0]["attributes"]
+        pair = _two_object(records)
         order, fn = (PAIR_CEILING_ORDER, pair_recall_ceiling) if pair else (CEILING_ORDER, recall_ceiling)
         res = {"+".join(order[: n + 1]): fn(records, order[: n + 1]) for n in range(len(order))}
         doc = {"eval_file": cfg.data.eval_file, "images": len(records), "ceiling": res}
