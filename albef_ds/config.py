@@ -75,6 +75,11 @@ class ModelConfig:
     # 0 = the (clamped, learned) ITC temperature, as in ALBEF; a large value draws them uniformly from the
     # batch (issue 16 measurements in benchmarks/README.md)
     itm_neg_temp: float = 0.0
+    # Temperature of NLVR2 text assignment's partner draw: partner images are sampled from
+    # softmax(image-feature similarity / this); 0 = uniformly. With a pre-training whose image features
+    # separate colour sets sharply, 0.07 draws partners the caption also describes (issue 16: 18% of the
+    # debug TA examples) and TA stays at chance
+    ta_partner_temp: float = 0.07
     momentum: float = 0.995  # EMA factor of the momentum encoders
     queue_size: int = 65536  # entries in each feature queue (any value >= 0; a ring buffer)
     mlm_probability: float = 0.15
@@ -376,6 +381,7 @@ NUMERIC_RANGES: tuple[tuple[str, Any, Any, str], ...] = (
     ("model.vision.mlp_ratio", _gt(0), None, "> 0"),
     ("model.text.init_std", _gt(0), None, "> 0"),
     ("model.itm_neg_temp", _ge(0), None, ">= 0 (0 = the ITC temperature)"),
+    ("model.ta_partner_temp", _ge(0), None, ">= 0 (0 = uniform partners)"),
     ("model.vision.drop_path", _ge(0), _lt(1), "in [0, 1)"),
     ("model.vision.patch_dropout", _ge(0), _lt(1), "in [0, 1)"),
     *(

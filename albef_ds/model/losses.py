@@ -212,27 +212,33 @@ def distill_ce(
     return (1.0 - alpha) * ce + alpha * kl
 
 
-TA_TEMP = 0.07  # text assignment samples its partner images at this fixed temperature (not the learned one)
+TA_TEMP = 0.07  # default temperature of text assignment's partner draw (fixed, not the learned one)
 
 
 @torch.no_grad()
 def text_assignment(
-    image_feat: torch.Tensor, generator: torch.Generator | None = None
+    image_feat: torch.Tensor, generator: torch.Generator | None = None, temp: float = TA_TEMP
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NLVR2's text-assignment draw for B captions with unit image features (B, D) of their own images.
 
-    Partners of image i are drawn from softmax(f_i . f_j / 0.07) over j != i (diagonal at -inf before the
-    softmax); two draws without replacement by Gumbel top-2, so the two partners differ. With p = 2/3 the
-    pair is (true image, partner 1) in random slots and the label is the true image's slot (0 or 1); with
-    p = 1/3 it is (partner 1, partner 2) and the label is 2 (neither). Returns (image indices of slot 0 (B,),
-    of slot 1 (B,), labels (B,)), all on the features' device, no host sync. Needs B >= 3."""
+    Partners of image i are drawn from softmax(f_i . f_j / temp) over j != i (diagonal at -inf before the
+    softmax; temp = 0 draws them uniformly over j != i); two draws without replacement by Gumbel top-2, so
+    the two partners differ. With p = 2/3 the pair is (true image, partner 1) in random slots and the label
+    is the true image's slot (0 or 1); with p = 1/3 it is (partner 1, partner 2) and the label is 2
+    (neither). Returns (image indices of slot 0 (B,), of slot 1 (B,), labels (B,)), all on the features'
+    device, no host sync. Needs B >= 3."""
     b = image_feat.shape[0]
     if b < 3:
         raise ValueError(
             f"text assignment needs at least 3 images per batch (two distinct partners), got {b}"
         )
     dev = image_feat.device
-    logits = image_feat.float() @ image_feat.float().t() / TA_TEMP  # (B, B)
+    if temp < 0:
+        raise ValueError(f"text assignment's partner temperature must be >= 0 (0 = uniform), got {temp}")
+    if temp == 0:
+        logits = torch.zeros((b, b), device=dev)
+    else:
+        logits = image_feat.float() @ image_feat.float().t() / temp  # (B, B)
     logits.fill_diagonal_(float("-inf"))
     u = torch.rand(logits.shape, device=dev, generator=generator)
     tiny = torch.finfo(torch.float32).tiny

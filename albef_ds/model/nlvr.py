@@ -145,7 +145,7 @@ class ALBEFTextAssignment(nn.Module):
         tokens = self.visual_encoder.forward_features(image)  # (B, 1+N, W), once per image
         with torch.no_grad():
             feat = F.normalize(self.vision_proj(tokens[:, 0]).float(), dim=-1)
-        slot0, slot1, label = text_assignment(feat)
+        slot0, slot1, label = text_assignment(feat, temp=self.cfg.ta_partner_temp)
         states = self.text_encoder(input_ids, attention_mask, tokens[slot0], tokens[slot1])
         z = self.ta_head(states[:, 0])
         loss = F.cross_entropy(z.float(), label)

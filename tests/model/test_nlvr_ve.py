@@ -84,13 +84,14 @@ def test_equal_images_reproduce_each_fusion_layer_applied_twice():
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
 
 
-def test_text_assignment_follows_its_probabilities():
+@pytest.mark.parametrize("temp", [0.07, 0.5, 0.0])
+def test_text_assignment_follows_its_probabilities(temp):
     torch.manual_seed(0)
     b, d, n = 6, 8, 4000
     feat = F.normalize(torch.randn(b, d), dim=-1)
     labels, partner_counts = torch.zeros(3), torch.zeros(b, b)
     for _ in range(n):
-        s0, s1, y = text_assignment(feat)
+        s0, s1, y = text_assignment(feat, temp=temp)
         own = torch.arange(b)
         labels += torch.bincount(y, minlength=3)
         # the true image sits in slot y for y < 2, in no slot for y = 2; a partner is never the true image
@@ -100,7 +101,7 @@ def test_text_assignment_follows_its_probabilities():
         partner_counts[own, first] += 1
     freq = labels / labels.sum()
     assert torch.allclose(freq, torch.full((3,), 1 / 3), atol=0.015), freq  # 3-sigma is about 0.005
-    logits = feat @ feat.t() / 0.07
+    logits = feat @ feat.t() / temp if temp else torch.zeros(b, b)  # 0: uniform over the others
     logits.fill_diagonal_(float("-inf"))
     want = logits.softmax(1)
     got = partner_counts / partner_counts.sum(1, keepdim=True)
@@ -108,6 +109,8 @@ def test_text_assignment_follows_its_probabilities():
     assert (got - want).abs().max() < 0.03, (got, want)
     with pytest.raises(ValueError, match="at least 3"):
         text_assignment(feat[:2])
+    with pytest.raises(ValueError, match="partner temperature"):
+        text_assignment(feat, temp=-1.0)
 
 
 def test_distill_ce_is_the_stated_mixture():
