@@ -101,9 +101,9 @@ class SynthConfig:
     seed: int = 0
     vocab_size: int = 256  # size of the WordPiece vocab trained on the synthetic captions
     # Objects per image. 1: one object, captions naming its shape, colour, size, position, texture and
-    # background (the demo's set). 2: two objects of distinct colours, each small or large, one above the
-    # other; captions name both colours with their sizes and nothing else (an experiment of issue 16: a set
-    # built on what the debug ViT sees; benchmarks/README.md, "debug_probe.py pairs")
+    # background. 2 (configs/debug.yaml, the demo's set): two objects of distinct colours, each small or
+    # large, one above the other; captions name both colours with their sizes and nothing else, all words
+    # the debug ViT can see (issue 16; benchmarks/README.md, "The demo's two-object recipe")
     objects: int = 1
 
 
@@ -303,6 +303,8 @@ class GroundingSynthConfig:
     num_proposals: int = 10  # boxes per image in proposals.json: every object's box, jittered copies, random
     position_words: bool = True  # expressions may name the object's third (left / middle / right); false =
     #                              RefCOCO+'s rule (no location words; safe under a horizontal flip)
+    shape_words: bool = True  # expressions may name the object's shape; false (with position_words false:
+    #                           colour and size only) = what the debug ViT sees (configs/grounding_debug.yaml)
     image_size: int = 96  # side of the generated JPEGs
     seed: int = 0
 

@@ -17,6 +17,10 @@ held-out accuracy with timm's position-embedding start (std 0.02) and with the 2
 (`model.vision.pos_embed_init`), beside a three-layer CNN as the reference that the images carry the
 attribute.
 
+Both need the one-object set (`data.synth.objects=1`; configs/debug.yaml is the two-object recipe now, which
+they refuse by name), e.g. with `data.synth.out_dir=data/synth1 data.train_file=[data/synth1/train.json]
+data.eval_file=data/synth1/eval.json data.tokenizer=data/synth1/vocab.txt` after each command below:
+
     python benchmarks/debug_probe.py attributes --config configs/debug.yaml \
         --checkpoint runs/debug/albef.safetensors --out benchmarks/results/debug_attributes.json
     python benchmarks/debug_probe.py vit --config configs/debug.yaml --steps 400 \
@@ -29,9 +33,10 @@ it names one wrongly; ties are broken at random (the expected R@1 is reported). 
 attribute is worth in the demo's retrieval, and how far a model that sees only some of them can get. On the
 two-object set (`synth.objects=2`): the sets colour and colour + size.
 
-``pairs`` (a checkpoint pre-trained on the two-object set): for every held-out image, "a {size} {colour}
-shape and a {size} {colour} shape" against the same with one object's colour changed, with one object's
-size flipped, and with the two sizes swapped (binding: the same words), by ITC and by ITM.
+``pairs`` (a checkpoint pre-trained on the two-object set, e.g. the demo's `runs/debug`): for every
+held-out image, "a {size} {colour} shape and a {size} {colour} shape" against the same with one object's
+colour changed, with one object's size flipped, and with the two sizes swapped (binding: the same words),
+by ITC and by ITM.
 
     python benchmarks/debug_probe.py ceiling --config configs/debug.yaml \
         --out benchmarks/results/debug_ceiling.json
@@ -167,12 +172,12 @@ def _score_captions(model, tok, captions: list[str], feat: torch.Tensor, image_t
     return t, feat @ tfeat.t(), itm
 
 
-@torch.no_grad()
 def _two_object(records: list[dict]) -> bool:
     """Whether a synthetic list is the two-object set (`synth.objects=2`): its attributes hold "objects"."""
     return bool(records) and "objects" in records[0].get("attributes", {})
 
 
+@torch.no_grad()
 def pair_probe(cfg, checkpoint: str, *, seed: int = 0) -> dict:
     """The two-object set (`synth.objects=2`): per change of PAIR_CHANGES, % of held-out images whose true
     caption ITC / ITM score above the changed one."""

@@ -64,11 +64,10 @@ def _no_shared_memory_left(_shm_at_start):
 @pytest.fixture(scope="session")
 def demo_pretrained(tmp_path_factory) -> Pretrained:
     """The demo's pre-training in full, made once per session: `albef-ds data synth` + `albef-ds pretrain
-    --config configs/debug.yaml` as it is (4,000 images, 800 steps, one process; about 4.5 minutes on 2
+    --config configs/debug.yaml` as it is (4,000 two-object images, 800 steps, one process; about 100 s on 2
     cores), with an evaluation before the first step. The README's main job (tests/test_cli_end_to_end.py
-    checks what it learned), and the start of the task that needs an ITM that learned: grounding's Grad-CAM
-    localises nothing from the 400-step model of tests/tasks/conftest.py (measured: 15% of the synthetic
-    expressions against 24% for a random proposal; 40% from this one)."""
+    checks what it learned and that its ITM re-rank beats ITC), and the start of the tests that need the
+    demo's model: the pair probe (tests/bench/test_debug_probe.py) and grounding end to end."""
     from albef_ds.cli import main
 
     tmp = tmp_path_factory.mktemp("demo_pretrained")

@@ -21,6 +21,7 @@ def test_defaults_and_round_trip(tmp_path):
             "grounding.refs_file=refs.json",
             "grounding.synth.num_proposals=5",
             "grounding.synth.position_words=false",
+            "grounding.synth.shape_words=false",
         ],
     )
     assert cfg.grounding.gradcam_layer == 7 and cfg.grounding.resolved_gradcam_layer(cfg.model) == 7

@@ -7,10 +7,10 @@ captions name those attributes through several templates. Held-out images come f
 Only vertical positions are named: pre-training flips images horizontally, which would make "left"/"right"
 captions wrong half of the time.
 
-With `synth.objects=2` (an experiment of issue 16, not the demo's default) each image shows two objects of
+With `synth.objects=2` (the demo's set, configs/debug.yaml; issue 16) each image shows two objects of
 distinct colours, each small or large, one in the upper and one in the lower half of a plain background, and
-every caption names both colours with their sizes ("a large red shape and a small blue shape"), in either
-order, and nothing else: every word is one the debug ViT can see, and a model that knows the colours alone
+every caption names both colours with their sizes in one structure ("a large red shape and a small blue
+shape"; the noun one of shape / object / thing / one), in either order, and nothing else: every word is one the debug ViT can see, and a model that knows the colours alone
 ranks the right caption first for about a seventh of the held-out images (the sizes settle most of the rest).
 """
 

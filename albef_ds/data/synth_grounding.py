@@ -15,7 +15,9 @@ unique by construction ::
 
 Most name a smallest distinguishing subset; the rest any distinguishing one (over-specified, as people
 often are). Without synth.position_words the third is never named (RefCOCO+'s rule; the set then survives a
-horizontal flip) and objects that only their third distinguishes are not referred to. Words: only ones of
+horizontal flip) and objects that only their third distinguishes are not referred to; without
+synth.shape_words the shape is never named either (with both off: colour and size only, what the debug ViT
+sees; configs/grounding_debug.yaml). Words: only ones of
 `WORDS`, all within the debug vocabulary (the WordPiece vocab of `synth`'s captions lacks j, x, z, digits
 and a non-initial b: hence "shape" / "one", never "object").
 
@@ -106,14 +108,14 @@ def sample_grounding_scene(rng: np.random.Generator, counts: tuple[int, ...]) ->
 
 
 def distinguishing_subsets(
-    objects: list[dict], target: int, *, position_words: bool
+    objects: list[dict], target: int, *, position_words: bool, shape_words: bool = True
 ) -> list[tuple[str, ...]]:
     """The subsets of ATTRIBUTES (smallest first) whose values only objects[target] has; "slot" only with
-    `position_words`."""
+    `position_words`, "shape" only with `shape_words`."""
     t = objects[target]
     out = []
     for subset in _SUBSETS:
-        if "slot" in subset and not position_words:
+        if ("slot" in subset and not position_words) or ("shape" in subset and not shape_words):
             continue
         if sum(all(o[a] == t[a] for a in subset) for o in objects) == 1:
             out.append(subset)
@@ -185,7 +187,9 @@ def _image(split: str, i: int, cfg: GroundingSynthConfig, folder: Path, rng: np.
         scene = sample_grounding_scene(rng, _OBJECT_COUNTS[split])
         objects = scene["objects"]
         options = {
-            t: distinguishing_subsets(objects, t, position_words=cfg.position_words)
+            t: distinguishing_subsets(
+                objects, t, position_words=cfg.position_words, shape_words=cfg.shape_words
+            )
             for t in range(len(objects))
         }
         referable = [t for t, o in options.items() if o]

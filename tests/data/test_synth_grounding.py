@@ -190,7 +190,8 @@ def test_reuse_seeds_and_split_streams(tiny: GroundingSynthConfig, tmp_path: Pat
     assert synthetic_grounding_ready(other) and _load(other)["val"] != a["val"]
 
 
-def test_without_position_words(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shape_words", [True, False])
+def test_without_position_words(tmp_path: Path, shape_words: bool) -> None:
     cfg = GroundingSynthConfig(
         out_dir=str(tmp_path / "set"),
         num_train_images=20,
@@ -198,6 +199,7 @@ def test_without_position_words(tmp_path: Path) -> None:
         num_test_images=0,
         image_size=SIZE,
         position_words=False,
+        shape_words=shape_words,
     )
     generate_synthetic_grounding(cfg, progress=False)
     records = _load(cfg)["train"]
@@ -205,6 +207,9 @@ def test_without_position_words(tmp_path: Path) -> None:
     for r in records:
         text = clean_caption(r["text"], 30)
         assert not {"left", "middle", "right"} & set(text.split()) and "slot" not in r["attributes"]
+        if not shape_words:  # colour and size only: no shape word, and the head noun is "shape" / "one"
+            assert set(r["attributes"]) <= {"size", "colour"}, r
+            assert not set(SHAPES) & set(text.split()), text
         named = _named(text)
         assert [k for k, o in enumerate(r["objects"]) if all(o[a] == v for a, v in named.items())] == [
             r["target"]
