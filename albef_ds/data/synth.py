@@ -10,8 +10,9 @@ captions wrong half of the time.
 With `synth.objects=2` (the demo's set, configs/debug.yaml; issue 16) each image shows two objects of
 distinct colours, each small or large, one in the upper and one in the lower half of a plain background, and
 every caption names both colours with their sizes in one structure ("a large red shape and a small blue
-shape"; the noun one of shape / object / thing / one), in either order, and nothing else: every word is one the debug ViT can see, and a model that knows the colours alone
-ranks the right caption first for about a seventh of the held-out images (the sizes settle most of the rest).
+shape"; the noun one of shape / object / thing / one), in either order, and nothing else: every word is one
+the debug ViT can see, and a model that knows the colours alone ranks the right caption first for about a
+seventh of the held-out images (the sizes settle most of the rest).
 """
 
 from __future__ import annotations
