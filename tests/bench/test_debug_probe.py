@@ -198,10 +198,10 @@ def test_the_attribute_probe_runs_on_a_one_object_set(tmp_path):
     from albef_ds.data import generate_synthetic
 
     synth = tmp_path / "one"
-    cfg1 = SynthConfig(
-        out_dir=str(synth), num_train=150, num_eval=10, image_size=32, objects=1
-    )  # enough words
-    generate_synthetic(cfg1, progress=False)
+    # 150 training images: enough captions that every attribute value is one token of the vocabulary
+    generate_synthetic(
+        SynthConfig(out_dir=str(synth), num_train=150, num_eval=10, image_size=32, objects=1), progress=False
+    )
     ov = [f"data.eval_file={synth / 'eval.json'}", f"data.tokenizer={synth / 'vocab.txt'}"]
     cfg = load_config(str(ROOT / "configs/debug.yaml"), ov)
     res = probe.attribute_probe(cfg, str(_random_checkpoint(cfg, tmp_path / "random.safetensors")))
